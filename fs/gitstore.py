@@ -1,0 +1,356 @@
+"""Git persistence: the tree layout, reading agents and files, committing Changes.
+
+A bare repository, branch ``main``; commits are built in memory with TreeBuilder (no
+working copy, no index). Durability is not this module's job: libgit2 writes objects
+unsynced and the journal (``journal.py``) is the durability point.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import pygit2
+from pygit2.enums import FileMode, ObjectType
+
+from . import changes as ch
+from .errors import FsError, RepoError
+from .layout import FORMAT_BLOB, FORMAT_NAME, fanout
+from .names import DURABLE_FILES, META_FILE
+
+log = logging.getLogger(__name__)
+
+BRANCH = "refs/heads/main"
+COMMITTER = ("agentstatefs", "agentstatefs@localhost")
+
+
+@dataclass
+class AgentView:
+    """One agent as of one commit: its metadata and the blob ids of its files."""
+
+    meta: dict
+    files: dict[str, pygit2.Oid] = field(default_factory=dict)
+    tree: pygit2.Oid | None = None
+
+    def file_meta(self, name: str) -> dict | None:
+        return self.meta.get("files", {}).get(name)
+
+
+def _encode_meta(meta: dict) -> bytes:
+    return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode() + b"\n"
+
+
+def signature_for(who: ch.Who, time_ns: int) -> tuple[pygit2.Signature, pygit2.Signature]:
+    secs = time_ns // 1_000_000_000
+    author = pygit2.Signature(f"{who.comm} (uid {who.uid}, pid {who.pid})",
+                              f"uid-{who.uid}@agentstatefs", secs, 0)
+    committer = pygit2.Signature(COMMITTER[0], COMMITTER[1], secs, 0)
+    return author, committer
+
+
+class GitStore:
+    """Reads and commits agent state in a bare git repository."""
+
+    def __init__(self, path: str, *, create: bool = True, agent_cache: int = 4096,
+                 blob_cache_bytes: int = 64 << 20):
+        self.path = os.path.abspath(path)
+        try:
+            if os.path.isdir(os.path.join(self.path, "objects")):
+                self.repo = pygit2.Repository(self.path)
+            elif create:
+                os.makedirs(self.path, exist_ok=True)
+                self.repo = pygit2.init_repository(self.path, bare=True, initial_head="main")
+            else:
+                raise RepoError(f"{self.path} is not an agentstatefs repository")
+        except pygit2.GitError as exc:
+            raise RepoError(f"{self.path}: cannot open git repository: {exc}") from None
+        if not self.repo.is_bare:
+            raise RepoError(f"{self.path} is a git repository with a working copy; agentstatefs needs a bare one")
+        if self.repo.head_is_unborn or self.repo.references.get("HEAD") is None:
+            self.repo.set_head(BRANCH)
+        self._lock = threading.RLock()
+        self._agent_cache: OrderedDict[str, AgentView | None] = OrderedDict()
+        self._agent_cache_max = agent_cache
+        self._blob_cache: OrderedDict[pygit2.Oid, bytes] = OrderedDict()
+        self._blob_cache_bytes = 0
+        self._blob_cache_max = blob_cache_bytes
+        self._agents: set[str] | None = None
+        self.verify_writes = False  # recovery mode: read back every object written
+        self._head: pygit2.Oid | None = None
+        self._root: pygit2.Tree | None = None
+        self._load_head()
+
+    # -- head -------------------------------------------------------------------
+    def _load_head(self) -> None:
+        ref = self.repo.references.get(BRANCH)
+        if ref is None:
+            self._head, self._root = None, None
+            return
+        try:
+            commit = self.repo[ref.target]
+            self._head, self._root = commit.id, commit.tree
+        except (KeyError, ValueError, pygit2.GitError) as exc:
+            raise RepoError(f"{self.path}: branch main points to an unreadable commit {ref.target}: {exc}") from None
+
+    @property
+    def head(self) -> pygit2.Oid | None:
+        return self._head
+
+    def reset_head(self, oid: pygit2.Oid | None) -> None:
+        """Point ``main`` at ``oid`` (recovery only) and drop every cache."""
+        with self._lock:
+            if oid is None:
+                ref = self.repo.references.get(BRANCH)
+                if ref is not None:
+                    ref.delete()
+            else:
+                self.repo.references.create(BRANCH, oid, force=True)
+            self._agent_cache.clear()
+            self._agents = None
+            self._load_head()
+
+    # -- reading ----------------------------------------------------------------
+    def _subtree(self, tree: pygit2.Tree | None, name: str) -> pygit2.Tree | None:
+        if tree is None:
+            return None
+        try:
+            entry = tree[name]
+        except KeyError:
+            return None
+        if entry.type != ObjectType.TREE:
+            return None
+        return self.repo[entry.id]
+
+    def agent_tree(self, root: pygit2.Tree | None, agent: str) -> pygit2.Tree | None:
+        a, b = fanout(agent)
+        return self._subtree(self._subtree(self._subtree(root, a), b), agent)
+
+    def load_agent(self, root: pygit2.Tree | None, agent: str) -> AgentView | None:
+        """The agent as of ``root`` (any commit's tree), or None if absent there."""
+        tree = self.agent_tree(root, agent)
+        if tree is None:
+            return None
+        files = {}
+        meta = None
+        for entry in tree:
+            if entry.name == META_FILE:
+                meta = json.loads(self.read_blob(entry.id))
+            elif entry.name in DURABLE_FILES:
+                files[entry.name] = entry.id
+        if meta is None:
+            raise FsError(errno.EIO, f"agent {agent} has no {META_FILE} in tree {tree.id}")
+        return AgentView(meta=meta, files=files, tree=tree.id)
+
+    def agent(self, agent: str) -> AgentView | None:
+        """The agent at the current head (LRU cached)."""
+        with self._lock:
+            if agent in self._agent_cache:
+                self._agent_cache.move_to_end(agent)
+                return self._agent_cache[agent]
+            if self._agents is not None and agent not in self._agents:
+                return None
+            view = self.load_agent(self._root, agent)
+            self._cache_agent(agent, view)
+            return view
+
+    def _cache_agent(self, agent: str, view: AgentView | None) -> None:
+        self._agent_cache[agent] = view
+        self._agent_cache.move_to_end(agent)
+        while len(self._agent_cache) > self._agent_cache_max:
+            self._agent_cache.popitem(last=False)
+
+    def agents(self) -> set[str]:
+        """All agent ids at the head (built once by walking the fan-out, then kept up to date)."""
+        with self._lock:
+            if self._agents is None:
+                self._agents = set(self.iter_agents(self._root))
+            return self._agents
+
+    def iter_agents(self, root: pygit2.Tree | None):
+        if root is None:
+            return
+        for l1 in root:
+            if l1.type != ObjectType.TREE:
+                continue
+            for l2 in self.repo[l1.id]:
+                if l2.type != ObjectType.TREE:
+                    continue
+                for entry in self.repo[l2.id]:
+                    if entry.type == ObjectType.TREE:
+                        yield entry.name
+
+    def read_blob(self, oid: pygit2.Oid) -> bytes:
+        with self._lock:
+            data = self._blob_cache.get(oid)
+            if data is not None:
+                self._blob_cache.move_to_end(oid)
+                return data
+        data = self.repo[oid].data
+        with self._lock:
+            if len(data) <= self._blob_cache_max // 8:
+                self._blob_cache[oid] = data
+                self._blob_cache_bytes += len(data)
+                while self._blob_cache_bytes > self._blob_cache_max:
+                    _, old = self._blob_cache.popitem(last=False)
+                    self._blob_cache_bytes -= len(old)
+        return data
+
+    def read_file(self, agent: str, name: str) -> bytes | None:
+        view = self.agent(agent)
+        if view is None or name not in view.files:
+            return None
+        return self.read_blob(view.files[name])
+
+    # -- writing ----------------------------------------------------------------
+    def _write(self, kind: int, data: bytes) -> pygit2.Oid:
+        oid = self.repo.odb.write(kind, data)
+        if self.verify_writes:
+            # After a power cut a loose object may exist but be truncated; libgit2
+            # skips rewriting objects it finds, so read back and repair.
+            try:
+                self.repo.odb.read(oid)
+            except Exception:
+                loose = os.path.join(self.path, "objects", str(oid)[:2], str(oid)[2:])
+                log.warning("repairing corrupt loose object %s", oid)
+                try:
+                    os.chmod(loose, 0o644)
+                    os.unlink(loose)
+                except OSError:
+                    pass
+                oid = self.repo.odb.write(kind, data)
+        return oid
+
+    def _blob(self, data: bytes) -> pygit2.Oid:
+        return self._write(ObjectType.BLOB, data)
+
+    def _tree_write(self, tb: pygit2.TreeBuilder) -> pygit2.Oid:
+        oid = tb.write()
+        if self.verify_writes:
+            self.repo.odb.read(oid)
+        return oid
+
+    def _replace(self, tree: pygit2.Tree | None, name: str, oid: pygit2.Oid | None,
+                 mode: int = FileMode.TREE) -> pygit2.Oid | None:
+        tb = self.repo.TreeBuilder(tree) if tree is not None else self.repo.TreeBuilder()
+        if oid is None:
+            if tb.get(name) is not None:
+                tb.remove(name)
+        else:
+            tb.insert(name, oid, mode)
+        if len(tb) == 0:
+            return None
+        return self._tree_write(tb)
+
+    def _new_root(self, agent: str, agent_tree: pygit2.Oid | None) -> pygit2.Oid:
+        a, b = fanout(agent)
+        root = self._root
+        l1 = self._subtree(root, a)
+        l2 = self._subtree(l1, b)
+        new_l2 = self._replace(l2, agent, agent_tree)
+        new_l1 = self._replace(l1, b, new_l2)
+        tb = self.repo.TreeBuilder(root) if root is not None else self.repo.TreeBuilder()
+        if tb.get(FORMAT_NAME) is None:
+            tb.insert(FORMAT_NAME, self._blob(FORMAT_BLOB), FileMode.BLOB)
+        if new_l1 is None:
+            if tb.get(a) is not None:
+                tb.remove(a)
+        else:
+            tb.insert(a, new_l1, FileMode.TREE)
+        return self._tree_write(tb)
+
+    def apply(self, change: ch.Change) -> pygit2.Oid | None:
+        """Commit ``change`` on top of the head; None when it changes nothing.
+
+        Raises FsError (ENOENT, EEXIST, ENOTEMPTY) when the change does not fit
+        the current state. Deterministic: same head + same change = same commit.
+        """
+        with self._lock:
+            agent = change.agent
+            view = self.agent(agent)
+            if change.op == ch.MKDIR:
+                if view is not None:
+                    raise FsError(errno.EEXIST, f"agent {agent} exists")
+                a = change.attrs.get("", {})
+                meta = {"id": agent, "created_ns": change.time_ns, "mode": a.get("mode", 0o755),
+                        "uid": a.get("uid", change.who.uid), "gid": a.get("gid", change.who.gid),
+                        "files": {}, "versions": {}}
+                new_view = AgentView(meta=meta, files={})
+            elif view is None:
+                raise FsError(errno.ENOENT, f"agent {agent} does not exist")
+            elif change.op == ch.RMDIR:
+                if view.files:
+                    raise FsError(errno.ENOTEMPTY, f"agent {agent} still has {', '.join(sorted(view.files))}")
+                new_view = None
+            else:
+                new_view = self._updated_view(view, change)
+                if new_view is None:
+                    return None
+            if new_view is None:
+                agent_tree = None
+            else:
+                tb = self.repo.TreeBuilder()
+                tb.insert(META_FILE, self._blob(_encode_meta(new_view.meta)), FileMode.BLOB)
+                for name, oid in new_view.files.items():
+                    tb.insert(name, oid, FileMode.BLOB)
+                agent_tree = self._tree_write(tb)
+                new_view.tree = agent_tree
+            root = self._new_root(agent, agent_tree)
+            author, committer = signature_for(change.who, change.time_ns)
+            parents = [self._head] if self._head is not None else []
+            oid = self.repo.create_commit(BRANCH, author, committer, change.message(), root, parents)
+            self._head = oid
+            self._root = self.repo[oid].tree
+            self._cache_agent(agent, new_view)
+            if self._agents is not None:
+                if new_view is None:
+                    self._agents.discard(agent)
+                else:
+                    self._agents.add(agent)
+            return oid
+
+    def _updated_view(self, view: AgentView, change: ch.Change) -> AgentView | None:
+        meta = json.loads(json.dumps(view.meta))  # deep copy
+        files = dict(view.files)
+        fmeta = meta.setdefault("files", {})
+        versions = meta.setdefault("versions", {})
+        changed = False
+        for name, data in sorted(change.files.items()):
+            if data is None:
+                if name not in files:
+                    raise FsError(errno.ENOENT, f"{change.agent}/{name} does not exist")
+                del files[name]
+                fmeta.pop(name, None)
+                changed = True
+                continue
+            oid = self._blob(data) if name not in files or pygit2.hash(data) != files[name] else files[name]
+            if files.get(name) == oid:
+                continue
+            prev = fmeta.get(name) or {}
+            attrs = change.attrs.get(name, {})
+            versions[name] = versions.get(name, 0) + 1
+            fmeta[name] = {
+                "mode": attrs.get("mode", prev.get("mode", 0o644)),
+                "uid": attrs.get("uid", prev.get("uid", change.who.uid)),
+                "gid": attrs.get("gid", prev.get("gid", change.who.gid)),
+                "size": len(data), "mtime_ns": change.time_ns, "version": versions[name],
+            }
+            files[name] = oid
+            changed = True
+        if change.op in (ch.CHMOD, ch.CHOWN):
+            for name, attrs in change.attrs.items():
+                target = meta if name == "" else fmeta.get(name)
+                if target is None:
+                    raise FsError(errno.ENOENT, f"{change.agent}/{name} does not exist")
+                for key in ("mode", "uid", "gid"):
+                    if key in attrs and target.get(key) != attrs[key]:
+                        target[key] = attrs[key]
+                        changed = True
+        if not changed:
+            return None
+        return AgentView(meta=meta, files=files)
+

@@ -1,0 +1,198 @@
+"""The durable store: git + journal, with crash recovery, group commit and checkpoints.
+
+Flow of a commit (``commit_batch``): every Change in the group is applied to git
+(objects and ref written, unsynced), its record appended to the journal, then ONE
+``fdatasync`` of the journal makes the whole group durable. A background checkpoint
+``syncfs``-es the repository's filesystem, records ``(commit, seq)`` in
+``agentstatefs/checkpoint`` and drops the journal segments it covers.
+
+Recovery (on open): reset ``main`` to the checkpointed commit and replay the journal
+records after it. Replay is deterministic, so commits get their original ids.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import logging
+import os
+import threading
+import time
+
+import pygit2
+
+from .changes import Change
+from .errors import FsError, RepoError
+from .gitstore import GitStore
+from .journal import Journal, fsync_dir
+
+log = logging.getLogger(__name__)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def syncfs(path: str) -> None:
+    """Flush every dirty page of the filesystem holding ``path`` (one syscall)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _libc.syncfs(fd) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e))
+    finally:
+        os.close(fd)
+
+
+def _errno_of(exc: BaseException) -> int:
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno
+    text = str(exc).lower()
+    if "no space" in text:
+        return errno.ENOSPC
+    if "read-only" in text:
+        return errno.EROFS
+    return errno.EIO
+
+
+class Store:
+    """Open (and recover) a repository; commit groups of Changes durably."""
+
+    def __init__(self, repo_dir: str, *, create: bool = True, readonly: bool = False):
+        self.repo_dir = os.path.abspath(repo_dir)
+        self.readonly = readonly
+        self.git = GitStore(self.repo_dir, create=create and not readonly)
+        self.meta_dir = os.path.join(self.repo_dir, "agentstatefs")
+        self._cp_path = os.path.join(self.meta_dir, "checkpoint")
+        self._commit_lock = threading.Lock()
+        self._checkpoint_lock = threading.Lock()
+        self.commits = 0
+        self.groups = 0
+        self.last_checkpoint = time.monotonic()
+        self.journal: Journal | None = None
+        self._cp = self._read_checkpoint()
+        if not readonly:
+            if not os.access(self.repo_dir, os.W_OK) or not os.access(os.path.join(self.repo_dir, "objects"), os.W_OK):
+                raise RepoError(f"repository {self.repo_dir} is not writable (mount with -o ro to serve it read-only)")
+            os.makedirs(self.meta_dir, exist_ok=True)
+            self.journal = Journal(os.path.join(self.meta_dir, "journal"))
+            self._recover()
+
+    # -- checkpoint file ---------------------------------------------------------
+    def _read_checkpoint(self) -> dict | None:
+        try:
+            with open(self._cp_path) as f:
+                cp = json.load(f)
+            return {"commit": cp.get("commit"), "seq": int(cp.get("seq", 0))}
+        except FileNotFoundError:
+            return None
+        except (ValueError, OSError) as exc:
+            raise RepoError(f"{self._cp_path} is unreadable ({exc}); run 'agentstatefs fsck'") from None
+
+    def _write_checkpoint(self, commit: pygit2.Oid | None, seq: int) -> None:
+        tmp = self._cp_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"commit": str(commit) if commit else None, "seq": seq, "time": time.time()}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, self._cp_path)
+        fsync_dir(self.meta_dir)
+        self._cp = {"commit": str(commit) if commit else None, "seq": seq}
+
+    # -- recovery ---------------------------------------------------------------
+    def _recover(self) -> None:
+        cp = self._cp
+        base_seq = cp["seq"] if cp else 0
+        records = list(self.journal.read_after(base_seq))
+        self.journal.next_seq = max(self.journal.next_seq, base_seq + 1)
+        if cp is not None:
+            base = pygit2.Oid(hex=cp["commit"]) if cp["commit"] else None
+            if base is not None:
+                try:
+                    self.git.repo[base].tree
+                except (KeyError, ValueError, pygit2.GitError) as exc:
+                    raise RepoError(f"checkpointed commit {base} is missing or corrupt ({exc}); "
+                                    f"run 'agentstatefs fsck'") from None
+            if base != self.git.head or records:
+                if base != self.git.head:
+                    log.info("recovery: resetting main from %s to checkpoint %s", self.git.head, base)
+                self.git.reset_head(base)
+        if records:
+            log.info("recovery: replaying %d journal record(s) after seq %d", len(records), base_seq)
+            self.git.verify_writes = True
+            try:
+                for seq, payload in records:
+                    try:
+                        self.git.apply(Change.decode(payload))
+                    except FsError as exc:
+                        log.error("recovery: journal record %d does not apply (%s); skipped", seq, exc)
+            finally:
+                self.git.verify_writes = False
+        self.checkpoint(force=True)
+
+    # -- commit -----------------------------------------------------------------
+    def commit_batch(self, changes: list[Change]) -> list:
+        """Apply and durably journal ``changes`` in order.
+
+        Returns one result per change: the new commit Oid, None (nothing changed), or
+        an FsError. Every Oid returned is durable when this returns.
+        """
+        if self.readonly or self.journal is None:
+            return [FsError(errno.EROFS, "mounted read-only") for _ in changes]
+        with self._commit_lock:
+            head0 = self.git.head
+            results: list = []
+            payloads: list[bytes] = []
+            for change in changes:
+                try:
+                    oid = self.git.apply(change)
+                except FsError as exc:
+                    results.append(exc)
+                    continue
+                except (pygit2.GitError, OSError) as exc:
+                    results.append(FsError(_errno_of(exc), f"git write failed: {exc}"))
+                    continue
+                results.append(oid)
+                if oid is not None:
+                    payloads.append(change.encode())
+            if payloads:
+                try:
+                    self.journal.append(payloads)
+                    self.journal.sync()
+                except OSError as exc:
+                    # Nothing of this group is durable: forget it entirely.
+                    log.error("journal write failed (%s); group of %d change(s) rolled back", exc, len(payloads))
+                    self.git.reset_head(head0)
+                    err = FsError(_errno_of(exc), f"journal write failed: {exc.strerror}")
+                    results = [err if not isinstance(r, FsError) else r for r in results]
+                    return results
+                self.commits += len(payloads)
+                self.groups += 1
+            return results
+
+    # -- checkpoint ---------------------------------------------------------------
+    def checkpoint(self, force: bool = False) -> bool:
+        """Make git durable up to the current head and drop the journal it covers."""
+        if self.readonly or self.journal is None:
+            return False
+        with self._checkpoint_lock:
+            with self._commit_lock:
+                head = self.git.head
+                seq = self.journal.next_seq - 1
+                cp_commit = self._cp["commit"] if self._cp else None
+                if not force and self._cp is not None and cp_commit == (str(head) if head else None) \
+                        and self._cp["seq"] == seq:
+                    return False
+                self.journal.open_new_segment()
+                self.journal.bytes_since_checkpoint = 0
+            syncfs(self.repo_dir)
+            self._write_checkpoint(head, seq)
+            self.journal.drop_through(seq)
+            self.last_checkpoint = time.monotonic()
+            return True
+
+    def close(self) -> None:
+        if self.journal is not None:
+            try:
+                self.checkpoint()
+            finally:
+                self.journal.close()
