@@ -1,0 +1,1 @@
+"""The agentstatefs process: FUSE operations, state manager, mount lifecycle, CLI."""

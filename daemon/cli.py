@@ -1,0 +1,109 @@
+"""The ``agentstatefs`` command line: mount, umount (more verbs arrive with later features)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+from .options import DEFAULT_MOUNTPOINT, DEFAULT_REPO_ROOT, DEFAULT_TENANT, HELP, MountOptions
+
+
+def _default_repo() -> str:
+    return os.path.join(DEFAULT_REPO_ROOT, DEFAULT_TENANT)
+
+
+def cmd_mount(args) -> int:
+    try:
+        options = MountOptions.parse(args.options)
+    except ValueError as exc:
+        print(f"agentstatefs: {exc}", file=sys.stderr)
+        return 2
+    from . import mount  # pyfuse3 is imported only by verbs that need it
+    systemd = args.systemd or bool(os.environ.get("NOTIFY_SOCKET"))
+    return mount.run(args.repo, args.mountpoint, options, foreground=args.foreground or systemd,
+                     debug=args.debug, systemd=systemd, log_file=args.log_file)
+
+
+def _daemon_pid(mountpoint: str) -> int | None:
+    try:
+        return int(os.getxattr(mountpoint, "user.agentstatefs.pid"))
+    except (OSError, ValueError):
+        return None
+
+
+def cmd_umount(args) -> int:
+    mp = os.path.abspath(args.mountpoint)
+    pid = _daemon_pid(mp)
+    if pid is None and not os.path.ismount(mp):
+        try:
+            os.stat(mp)
+        except OSError:
+            # A stale mount (daemon gone): just detach it.
+            subprocess.run(["fusermount3", "-uz", mp], capture_output=True)
+            return 0
+        print(f"agentstatefs: {mp} is not mounted", file=sys.stderr)
+        return 1
+    r = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True)
+    if r.returncode != 0:
+        print(f"agentstatefs: cannot unmount {mp}: {r.stderr.strip()}", file=sys.stderr)
+        return 1
+    if pid is not None:
+        deadline = time.monotonic() + args.timeout
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    if f.read().split(") ")[-1].startswith("Z"):
+                        break  # exited, waiting to be reaped by its parent
+            except OSError:
+                break
+            time.sleep(0.05)
+        if os.path.exists(f"/proc/{pid}/stat") and time.monotonic() >= deadline:
+            print(f"agentstatefs: daemon {pid} still running after {args.timeout}s", file=sys.stderr)
+            return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="agentstatefs",
+        description="Durable, versioned, crash-safe agent state as plain files (FUSE).")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    m = sub.add_parser("mount", help="mount a repository (default: tenant 'default' at /mnt/agents)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=HELP,
+                       description="Mount the agent state repository REPO at MOUNTPOINT. Without "
+                                   "--foreground the daemon detaches once the mount answers.")
+    m.add_argument("mountpoint", nargs="?", default=DEFAULT_MOUNTPOINT,
+                   help=f"where to mount (default {DEFAULT_MOUNTPOINT}; created if missing)")
+    m.add_argument("--repo", default=_default_repo(),
+                   help=f"bare git repository holding the state (default {_default_repo()}; created if missing)")
+    m.add_argument("-o", dest="options", action="append", metavar="OPTS",
+                   help="comma-separated mount options, see below")
+    m.add_argument("-f", "--foreground", action="store_true",
+                   help="stay in the foreground and log to stderr")
+    m.add_argument("--systemd", action="store_true",
+                   help="run under systemd: foreground, journald log priorities "
+                        "(implied when NOTIFY_SOCKET is set)")
+    m.add_argument("--debug", action="store_true", help="log every request at debug level")
+    m.add_argument("--log-file", help="append the log here (background default: REPO/agentstatefs/daemon.log)")
+    m.set_defaults(func=cmd_mount)
+
+    u = sub.add_parser("umount", help="unmount and wait until the daemon has exited",
+                       description="Unmount MOUNTPOINT (refused while files are open there) and wait "
+                                   "until the daemon has made every version durable and exited.")
+    u.add_argument("mountpoint", nargs="?", default=DEFAULT_MOUNTPOINT)
+    u.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the daemon (default 60)")
+    u.set_defaults(func=cmd_umount)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""Mount lifecycle: checks, stale-mount cleanup, lock, daemonizing, signals, shutdown.
+
+Order at start: clean a stale mount point -> take the repository lock -> open the store
+(which recovers from any crash) -> mount -> serve. On SIGTERM/SIGINT: wait for
+in-flight handlers and commits, stop the FUSE loop, checkpoint, unmount, exit 0.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+import pyfuse3
+import trio
+
+from ..fs.errors import RepoError
+from ..fs.repolock import RepoLock
+from ..fs.store import Store
+from . import logs
+from .operations import AgentFS
+from .options import MountOptions
+from .statemgr import StateManager
+
+log = logging.getLogger("agentstatefs")
+
+
+class MountError(Exception):
+    """A clear, user-facing reason why the mount cannot start."""
+
+
+def mount_source(mountpoint: str) -> tuple[str, str] | None:
+    """(fstype, source) of the mount at ``mountpoint`` from /proc/self/mountinfo, if any."""
+    target = os.path.abspath(mountpoint)
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                parts = line.split()
+                sep = parts.index("-")
+                mp = parts[4].replace("\\040", " ")
+                if mp == target:
+                    return parts[sep + 1], parts[sep + 2]
+    except OSError:
+        pass
+    return None
+
+
+def clean_stale_mount(mountpoint: str) -> None:
+    """Lazily unmount a dead FUSE mount ("Transport endpoint is not connected")."""
+    try:
+        os.stat(mountpoint)
+        return
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTCONN, errno.ECONNABORTED):
+            raise MountError(f"mount point {mountpoint}: {exc.strerror}") from None
+    log.warning("mount point %s is a stale FUSE mount (daemon died); cleaning it up", mountpoint)
+    for cmd in (["fusermount3", "-uz", mountpoint], ["umount", "-l", mountpoint]):
+        try:
+            if subprocess.run(cmd, capture_output=True).returncode == 0:
+                return
+        except FileNotFoundError:
+            continue
+    raise MountError(f"cannot clean up the stale mount at {mountpoint}")
+
+
+def prepare_mountpoint(mountpoint: str) -> None:
+    clean_stale_mount(mountpoint)
+    os.makedirs(mountpoint, exist_ok=True)
+    if os.path.ismount(mountpoint):
+        info = mount_source(mountpoint)
+        raise MountError(f"{mountpoint} is already a mount point ({info[0] if info else 'unknown'} "
+                         f"{info[1] if info else ''}); unmount it first")
+    if not os.path.isdir(mountpoint):
+        raise MountError(f"mount point {mountpoint} is not a directory")
+
+
+async def _serve(ops: AgentFS, sm: StateManager, on_ready) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sm.run_committer)
+        nursery.start_soon(sm.run_checkpointer)
+        nursery.start_soon(_watch_signals, sm)
+        on_ready()
+        await pyfuse3.main()
+        # The FUSE loop ended (unmounted, or terminate() after a signal).
+        await sm.quiesce()
+        nursery.cancel_scope.cancel()
+
+
+async def _watch_signals(sm: StateManager) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("received %s: finishing in-flight commits and unmounting",
+                     signal.Signals(signum).name)
+            await sm.quiesce()
+            pyfuse3.terminate()
+            return
+
+
+def run(repo: str, mountpoint: str, options: MountOptions, *, foreground: bool,
+        debug: bool = False, systemd: bool = False, log_file: str | None = None) -> int:
+    repo = os.path.abspath(repo)
+    mountpoint = os.path.abspath(mountpoint)
+    ready_w = None
+    if not foreground:
+        ready_r, ready_w = os.pipe()
+        pid = os.fork()
+        if pid:
+            os.close(ready_w)
+            msg = b""
+            while True:
+                chunk = os.read(ready_r, 4096)
+                if not chunk:
+                    break
+                msg += chunk
+            if msg.startswith(b"OK"):
+                return 0
+            sys.stderr.write(msg.decode(errors="replace") or "agentstatefs: daemon exited during start-up\n")
+            return 1
+        os.close(ready_r)
+        os.setsid()
+        log_path = log_file or os.path.join(repo, "agentstatefs", "daemon.log")
+        os.makedirs(os.path.dirname(log_path), exist_ok=True)
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        devnull = os.open(os.devnull, os.O_RDWR)
+        os.dup2(devnull, 0)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        os.close(devnull)
+    elif log_file:
+        fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        os.dup2(fd, 2)
+        os.close(fd)
+    logs.setup(debug=debug, systemd=systemd)
+
+    def fail(message: str) -> int:
+        log.error("%s", message)
+        if ready_w is not None:
+            os.write(ready_w, f"agentstatefs: {message}\n".encode())
+            os.close(ready_w)
+        else:
+            sys.stderr.flush()
+        return 1
+
+    lock = RepoLock(repo)
+    try:
+        prepare_mountpoint(mountpoint)
+        if options.ro and not os.path.isdir(repo):
+            raise RepoError(f"repository {repo} does not exist (read-only mount cannot create it)")
+        os.makedirs(repo, exist_ok=True)
+        if not options.ro:
+            lock.acquire(mountpoint)
+        store = Store(repo, readonly=options.ro)
+    except (MountError, RepoError) as exc:
+        lock.release()
+        return fail(str(exc))
+    except OSError as exc:
+        lock.release()
+        return fail(f"cannot start: {exc}")
+
+    sm = StateManager(store, checkpoint_interval=options.checkpoint_interval)
+    ops = AgentFS(store, sm, options)
+    try:
+        pyfuse3.init(ops, mountpoint, options.fuse_options(repo))
+    except RuntimeError as exc:
+        store.close()
+        lock.release()
+        return fail(f"cannot mount {mountpoint}: {exc} (is /dev/fuse available and fuse3 installed?)")
+    log.info("mounted %s at %s (%s)", repo, mountpoint, ",".join(sorted(options.fuse_options(repo))))
+
+    def on_ready():
+        if ready_w is not None:
+            os.write(ready_w, b"OK\n")
+            os.close(ready_w)
+
+    clean = False
+    try:
+        trio.run(_serve, ops, sm, on_ready)
+        clean = True
+    except BaseException:
+        log.exception("FUSE main loop failed")
+        raise
+    finally:
+        try:
+            store.close()
+        except Exception:
+            log.exception("final checkpoint failed (the journal will be replayed at next mount)")
+        pyfuse3.close(unmount=clean)
+        if not clean:
+            subprocess.run(["fusermount3", "-uz", mountpoint], capture_output=True)
+        lock.release()
+        log.info("unmounted %s; exiting", mountpoint)
+    return 0
