@@ -52,6 +52,8 @@ def clean_stale_mount(mountpoint: str) -> None:
     """Lazily unmount a dead FUSE mount ("Transport endpoint is not connected")."""
     try:
         os.stat(mountpoint)
+        if os.path.ismount(mountpoint):
+            os.statvfs(mountpoint)  # never answered from the kernel's attribute cache
         return
     except FileNotFoundError:
         return
