@@ -1,8 +1,13 @@
-"""The ``agentstatefs`` command line: mount, umount (more verbs arrive with later features)."""
+"""The ``agentstatefs`` command line.
+
+Each group of verbs lives in its own module with a ``register(subparsers)`` function;
+``VERB_MODULES`` lists them. This module holds mount and umount.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import subprocess
 import sys
@@ -97,7 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("mountpoint", nargs="?", default=DEFAULT_MOUNTPOINT)
     u.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the daemon (default 60)")
     u.set_defaults(func=cmd_umount)
+    for module in VERB_MODULES:
+        importlib.import_module(f"{__package__}.{module}").register(sub)
     return p
+
+
+# Modules adding verbs (each defines register(subparsers)); keep one per line.
+VERB_MODULES: list[str] = [
+]
 
 
 def main(argv: list[str] | None = None) -> int:
