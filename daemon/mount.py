@@ -8,6 +8,7 @@ in-flight handlers and commits, stop the FUSE loop, checkpoint, unmount, exit 0.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import signal
@@ -20,7 +21,7 @@ import trio
 from ..fs.errors import RepoError
 from ..fs.repolock import RepoLock
 from ..fs.store import Store
-from . import logs
+from . import logs, sdnotify
 from .operations import AgentFS
 from .options import MountOptions
 from .statemgr import StateManager
@@ -81,14 +82,17 @@ def prepare_mountpoint(mountpoint: str) -> None:
         raise MountError(f"mount point {mountpoint} is not a directory")
 
 
-async def _serve(ops: AgentFS, sm: StateManager, on_ready) -> None:
+async def _serve(ops: AgentFS, sm: StateManager, on_ready, notifier=None) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(sm.run_committer)
         nursery.start_soon(sm.run_checkpointer)
         nursery.start_soon(_watch_signals, sm)
+        if notifier is not None:  # systemd: READY=1 once the mount answers, watchdog, STATUS
+            nursery.start_soon(notifier)
         on_ready()
         await pyfuse3.main()
         # The FUSE loop ended (unmounted, or terminate() after a signal).
+        sdnotify.stopping("unmounted; finishing in-flight commits")
         await sm.quiesce()
         nursery.cancel_scope.cancel()
 
@@ -98,6 +102,7 @@ async def _watch_signals(sm: StateManager) -> None:
         async for signum in signals:
             log.info("received %s: finishing in-flight commits and unmounting",
                      signal.Signals(signum).name)
+            sdnotify.stopping(f"{signal.Signals(signum).name}: finishing in-flight commits, unmounting")
             await sm.quiesce()
             pyfuse3.terminate()
             return
@@ -142,6 +147,7 @@ def run(repo: str, mountpoint: str, options: MountOptions, *, foreground: bool,
 
     def fail(message: str) -> int:
         log.error("%s", message)
+        sdnotify.notify(f"STATUS=failed: {message}")
         if ready_w is not None:
             os.write(ready_w, f"agentstatefs: {message}\n".encode())
             os.close(ready_w)
@@ -182,7 +188,8 @@ def run(repo: str, mountpoint: str, options: MountOptions, *, foreground: bool,
 
     clean = False
     try:
-        trio.run(_serve, ops, sm, on_ready)
+        trio.run(_serve, ops, sm, on_ready,
+                 functools.partial(sdnotify.run, mountpoint, sdnotify.store_status(store, mountpoint)))
         clean = True
     except BaseException:
         log.exception("FUSE main loop failed")
