@@ -1,0 +1,660 @@
+#!/usr/bin/env python3
+"""agentstatefs benchmark suite: every scenario, as ratios against same-run baselines.
+
+    .venv/bin/python benchmarks/run.py            # full run (a few minutes)
+    .venv/bin/python benchmarks/run.py --quick    # smoke run (seconds)
+
+Baselines (measured in this same run): raw ext4 durable atomic replace
+(write+fsync+rename+dir fsync) and write+close of the same ~1.5 KB JSON, ext4 page-cache
+read, a minimal pyfuse3 filesystem serving one constant file (``minfs.py``, mounted as
+a subprocess) for read and stat, and a naive "git CLI commit per save" store.
+
+Scenarios run against real agentstatefs mounts (the daemon as a subprocess on a temp
+repository and mount point) and, for commit cost, against ``fs.store.Store`` in-process
+on repositories of 10 / 1,000 / 100,000 agents built directly with pygit2
+(``bigrepo.py``). The table prints each result, its ratio to the relevant baseline and
+the SPEC section 8 target with "met"/"not met". Timing never fails the run: the exit
+status is 0 unless something crashed.
+
+Every mount is unmounted and every daemon stopped on exit, including on exceptions,
+Ctrl-C and SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import multiprocessing
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PROJECT = HERE.parent
+sys.path.insert(0, str(HERE))
+bigrepo = None  # imported in main(), after --src/--rev may have put another tree first
+
+# Row keys, in print order. The smoke test checks every one is printed.
+ROW_KEYS = [
+    "base_ext4_durable", "base_ext4_write", "base_ext4_read", "base_minfs_read", "base_minfs_stat",
+    "base_git_cli",
+    "durable_write_1", "durable_write_16", "hot_read", "stat", "mixed_1", "mixed_16",
+    "commit_small", "commit_mid", "commit_large", "mount_commit_small", "mount_commit_large",
+    "ls_root_large", "rss_after_workloads", "rss_large_start", "rss_large_after_ls",
+]
+
+# ---------------------------------------------------------------------------- payload
+
+_FACTS = ", ".join(f'"fact {i}: the agent observed something worth remembering"' for i in range(24))
+_PREFIX = '{"agent": "%s", "model": "small", "temperature": 0.2, "seq": '
+_SUFFIX = ', "facts": [' + _FACTS + ']}\n'
+
+
+def doc(agent: str, seq: int) -> bytes:
+    """A valid ~1.5 KB JSON document, different for every ``seq``."""
+    return ((_PREFIX % agent) + str(seq) + _SUFFIX).encode()
+
+
+# ---------------------------------------------------------------------------- timing
+
+@dataclass
+class Cfg:
+    quick: bool
+    duration: float      # seconds per repetition of a rate measurement
+    reps: int            # repetitions (the median is reported)
+    sizes: tuple         # agent counts for commit cost (small, mid, large)
+    workers: int = 16
+
+
+def rate(fn, cfg: Cfg, setup=None) -> float:
+    """Median over ``cfg.reps`` of ops/s of ``fn(i)`` called in a loop for ``cfg.duration``."""
+    rates = []
+    i = 0
+    for _ in range(cfg.reps):
+        if setup:
+            setup()
+        n = 0
+        t0 = time.perf_counter()
+        deadline = t0 + cfg.duration
+        while True:
+            fn(i)
+            i += 1
+            n += 1
+            if n % 8 == 0 and time.perf_counter() >= deadline:
+                break
+        rates.append(n / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+def _worker(fn_name: str, args: tuple, duration: float, start, out) -> None:
+    fn = globals()[fn_name]
+    try:
+        work = fn(*args)
+        start.wait()
+        n = 0
+        t0 = time.perf_counter()
+        deadline = t0 + duration
+        i = 0
+        while True:
+            work(i)
+            i += 1
+            n += 1
+            if time.perf_counter() >= deadline:
+                break
+        out.put((n, time.perf_counter() - t0, None))
+    except BaseException as exc:  # report, never hang the parent
+        out.put((0, 0.0, repr(exc)))
+
+
+def parallel_rate(fn_name: str, arg_list: list[tuple], cfg: Cfg) -> float:
+    """Aggregate ops/s of one process per ``arg_list`` item, all started together."""
+    ctx = multiprocessing.get_context("fork")
+    rates = []
+    for _ in range(cfg.reps):
+        start, out = ctx.Event(), ctx.Queue()
+        procs = [ctx.Process(target=_worker, args=(fn_name, a, cfg.duration, start, out), daemon=True)
+                 for a in arg_list]
+        try:
+            for p in procs:
+                p.start()
+            time.sleep(0.2)
+            start.set()
+            results = [out.get(timeout=cfg.duration + 60) for _ in procs]
+        finally:
+            for p in procs:
+                p.join(timeout=5)
+                if p.is_alive():
+                    p.terminate()
+                    p.join()
+        errors = [e for _, _, e in results if e]
+        if errors:
+            raise RuntimeError(f"worker failed: {errors[0]}")
+        rates.append(sum(n / dt for n, dt, _ in results))
+    return statistics.median(rates)
+
+
+# ---------------------------------------------------------------------------- client loops
+# Each returns a function of the iteration number doing one operation, with plain
+# os.* calls (no Python buffering) so every variant pays the same client cost.
+
+def read_all(path: str) -> int:
+    """open + read until EOF + close, like cat."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        n = 0
+        while True:
+            b = os.read(fd, 65536)
+            if not b:
+                return n
+            n += len(b)
+    finally:
+        os.close(fd)
+
+
+def write_file(path: str, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def ext4_durable_loop(d: str):
+    dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    path, tmp = os.path.join(d, "config.json"), os.path.join(d, ".config.json.tmp")
+
+    def op(i):
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.write(fd, doc("raw", i))
+        os.fsync(fd)
+        os.close(fd)
+        os.rename(tmp, path)
+        os.fsync(dfd)
+    return op
+
+
+def ext4_write_loop(d: str):
+    path = os.path.join(d, "plain.json")
+    return lambda i: write_file(path, doc("raw", i))
+
+
+def read_loop(path: str):
+    return lambda i: read_all(path)
+
+
+def stat_loop(path: str):
+    return lambda i: os.stat(path)
+
+
+def agent_write_loop(mp: str, agent: str):
+    path = os.path.join(mp, agent, "config.json")
+    return lambda i: write_file(path, doc(agent, i))
+
+
+def agent_mixed_loop(mp: str, agent: str):
+    """Per iteration: read config, write memory (durable), write runtime (RAM), stat."""
+    base = os.path.join(mp, agent)
+    cfg, mem, rt = (os.path.join(base, n) for n in ("config.json", "memory.json", "runtime.json"))
+
+    def op(i):
+        read_all(cfg)
+        write_file(mem, doc(agent, i))
+        write_file(rt, doc(agent, i))
+        os.stat(cfg)
+    return op
+
+
+def random_agents_write_loop(mp: str, agents: list[str], seed: int = 1):
+    rnd = random.Random(seed)
+
+    def op(i):
+        a = rnd.choice(agents)
+        write_file(os.path.join(mp, a, "config.json"), doc(a, i))
+    return op
+
+
+def git_cli_loop(wt: str):
+    path = os.path.join(wt, "config.json")
+    env = dict(os.environ, GIT_AUTHOR_NAME="bench", GIT_AUTHOR_EMAIL="b@x", GIT_COMMITTER_NAME="bench",
+               GIT_COMMITTER_EMAIL="b@x")
+
+    def op(i):
+        write_file(path, doc("git", i))
+        subprocess.run(["git", "-C", wt, "add", "config.json"], check=True, env=env)
+        subprocess.run(["git", "-C", wt, "commit", "-q", "-m", f"save {i}"], check=True, env=env)
+    return op
+
+
+# ---------------------------------------------------------------------------- processes & mounts
+
+def is_stale(path: str) -> bool:
+    """A dead FUSE mount: "Transport endpoint is not connected"."""
+    try:
+        os.statvfs(path)
+        return False
+    except OSError as exc:
+        return exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+
+
+def unmount(mp: str) -> None:
+    if os.path.ismount(mp) or is_stale(mp):
+        r = subprocess.run(["fusermount3", "-u", mp], capture_output=True)
+        if r.returncode != 0 and (os.path.ismount(mp) or is_stale(mp)):
+            subprocess.run(["fusermount3", "-uz", mp], capture_output=True)
+
+
+class Mounted:
+    """A FUSE daemon subprocess serving ``mp``; ``stop()`` always leaves nothing behind."""
+
+    live: list["Mounted"] = []
+
+    def __init__(self, args: list[str], mp: str, log_path: str):
+        self.mp = mp
+        self.log_path = log_path
+        os.makedirs(mp, exist_ok=True)
+        self._log = open(log_path, "ab")
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT)
+        Mounted.live.append(self)
+        deadline = time.monotonic() + 60
+        while not (os.path.ismount(mp) and not is_stale(mp)):
+            if self.proc.poll() is not None:
+                self.stop()
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}: {self.log()[-2000:]}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"mount {mp} did not appear: {self.log()[-2000:]}")
+            time.sleep(0.02)
+
+    @classmethod
+    def agentstatefs(cls, repo: str, mp: str, log_path: str, *opts: str) -> "Mounted":
+        args = [sys.executable, "-m", "agentstatefs.daemon.cli", "mount", "--foreground", "--repo", repo, mp]
+        for o in opts:
+            args += ["-o", o]
+        return cls(args, mp, log_path)
+
+    @classmethod
+    def minfs(cls, mp: str, log_path: str) -> "Mounted":
+        return cls([sys.executable, str(HERE / "minfs.py"), mp], mp, log_path)
+
+    def log(self) -> str:
+        try:
+            return Path(self.log_path).read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def rss_mb(self) -> float:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> None:
+        try:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(timeout=30)
+        finally:
+            unmount(self.mp)
+            self._log.close()
+            if self in Mounted.live:
+                Mounted.live.remove(self)
+
+
+def stop_all() -> None:
+    for m in list(Mounted.live):
+        try:
+            m.stop()
+        except Exception as exc:  # keep cleaning the others
+            print(f"cleanup: {m.mp}: {exc}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------- results
+
+@dataclass
+class Row:
+    key: str
+    label: str
+    value: float
+    unit: str
+    vs: str = ""           # what the ratio is against
+    ratio: float | None = None
+    target: str = ""       # e.g. ">= 0.5"
+    status: str = ""       # met / not met / ""
+    note: str = ""
+
+
+@dataclass
+class Results:
+    rows: dict = field(default_factory=dict)
+    facts: dict = field(default_factory=dict)
+
+    def add(self, row: Row) -> Row:
+        self.rows[row.key] = row
+        print(f"  {row.key:<22} {fmt(row.value, row.unit)} {row.unit}  {row.note}", flush=True)
+        return row
+
+
+def fmt(v: float, unit: str) -> str:
+    if v != v:
+        return "n/a"
+    if unit in ("ops/s", "iter/s"):
+        return f"{v:,.0f}"
+    if unit == "µs":
+        return f"{v:,.0f}"
+    return f"{v:,.2f}"
+
+
+def judge(row: Row, base: float, vs: str, target: float | None, *, lower_is_better: bool = False) -> None:
+    row.vs = vs
+    row.ratio = row.value / base if base else float("nan")
+    if target is not None:
+        if lower_is_better:
+            row.target = f"<= {target}x"
+            row.status = "met" if row.ratio <= target else "not met"
+        else:
+            row.target = f">= {target}x"
+            row.status = "met" if row.ratio >= target else "not met"
+
+
+def print_table(res: Results, out=sys.stdout) -> None:
+    head = ("key", "scenario", "result", "unit", "ratio", "vs", "SPEC target", "status")
+    lines = []
+    for key in ROW_KEYS:
+        r = res.rows.get(key)
+        if r is None:
+            lines.append((key, "(not run)", "-", "", "", "", "", ""))
+            continue
+        ratio = "" if r.ratio is None else ("n/a" if r.ratio != r.ratio else f"{r.ratio:.2f}x")
+        lines.append((key, r.label, fmt(r.value, r.unit), r.unit, ratio, r.vs, r.target, r.status))
+    widths = [max(len(str(x[i])) for x in lines + [head]) for i in range(len(head))]
+    sep = "  "
+    print(sep.join(h.ljust(w) for h, w in zip(head, widths)), file=out)
+    print(sep.join("-" * w for w in widths), file=out)
+    for ln in lines:
+        print(sep.join(str(x).ljust(w) for x, w in zip(ln, widths)).rstrip(), file=out)
+
+
+def print_markdown(res: Results, out) -> None:
+    print("| key | scenario | result | unit | ratio | vs | SPEC target | status |", file=out)
+    print("|---|---|---:|---|---:|---|---|---|", file=out)
+    for key in ROW_KEYS:
+        r = res.rows.get(key)
+        if r is None:
+            continue
+        ratio = "" if r.ratio is None else f"{r.ratio:.2f}×"
+        print(f"| {key} | {r.label} | {fmt(r.value, r.unit)} | {r.unit} | {ratio} | {r.vs} | "
+              f"{r.target.replace('x', '×')} | {r.status} |", file=out)
+
+
+# ---------------------------------------------------------------------------- machine facts
+
+def machine_facts(base: str) -> dict:
+    facts = {"nproc": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            facts["cpu"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
+    except OSError:
+        facts["cpu"] = "?"
+    facts["kernel"] = os.uname().release
+    r = subprocess.run(["df", "-T", base], capture_output=True, text=True)
+    facts["filesystem"] = r.stdout.splitlines()[-1].split()[1] if r.returncode == 0 else "?"
+    facts["python"] = sys.version.split()[0]
+    facts["load_start"] = os.getloadavg()
+    return facts
+
+
+# ---------------------------------------------------------------------------- scenarios
+
+def run_baselines(cfg: Cfg, base: str, res: Results) -> None:
+    print("baselines:", flush=True)
+    d = os.path.join(base, "ext4")
+    os.makedirs(d)
+    res.add(Row("base_ext4_durable", "raw ext4 write+fsync+rename+dir fsync (1.5 KB)",
+                rate(ext4_durable_loop(d), cfg), "ops/s"))
+    res.add(Row("base_ext4_write", "raw ext4 write+close (1.5 KB)", rate(ext4_write_loop(d), cfg), "ops/s"))
+    res.add(Row("base_ext4_read", "raw ext4 open+read+close (page cache)",
+                rate(read_loop(os.path.join(d, "plain.json")), cfg), "ops/s"))
+    m = Mounted.minfs(os.path.join(base, "minfs-mnt"), os.path.join(base, "minfs.log"))
+    try:
+        path = os.path.join(m.mp, "const.json")
+        read_all(path)
+        res.add(Row("base_minfs_read", "minimal pyfuse3 fs, open+read+close", rate(read_loop(path), cfg), "ops/s"))
+        res.add(Row("base_minfs_stat", "minimal pyfuse3 fs, stat", rate(stat_loop(path), cfg), "ops/s"))
+    finally:
+        m.stop()
+    wt = os.path.join(base, "gitcli")
+    subprocess.run(["git", "init", "-q", wt], check=True)
+    gcfg = Cfg(cfg.quick, cfg.duration, 1, cfg.sizes)
+    res.add(Row("base_git_cli", "naive store: write + git add + git commit (CLI)",
+                rate(git_cli_loop(wt), gcfg), "ops/s"))
+
+
+def run_mount_workloads(cfg: Cfg, base: str, res: Results) -> None:
+    print("agentstatefs mount (small repo):", flush=True)
+    repo, mp = os.path.join(base, "repo"), os.path.join(base, "mnt")
+    m = Mounted.agentstatefs(repo, mp, os.path.join(base, "daemon.log"))
+    try:
+        agents = [f"w{i}" for i in range(cfg.workers)]
+        for a in agents + ["solo"]:
+            os.mkdir(os.path.join(mp, a))
+            write_file(os.path.join(mp, a, "config.json"), doc(a, -1))
+            write_file(os.path.join(mp, a, "memory.json"), doc(a, -1))
+        b = res.rows["base_ext4_durable"].value
+        r = res.add(Row("durable_write_1", "durable write (open/write/close config.json), 1 writer",
+                        rate(agent_write_loop(mp, "solo"), cfg), "ops/s"))
+        judge(r, b, "base_ext4_durable", 0.5)
+        r16 = res.add(Row("durable_write_16", f"durable write, {cfg.workers} writers (processes), aggregate",
+                          parallel_rate("agent_write_loop", [(mp, a) for a in agents], cfg), "ops/s"))
+        r16.note = f"{r16.value / b:.2f}x raw ext4 durable replace"
+        judge(r16, r.value, "durable_write_1", 1.5)
+        cfgpath = os.path.join(mp, "solo", "config.json")
+        read_all(cfgpath)
+        r = res.add(Row("hot_read", "hot read (open+read+close of committed config.json)",
+                        rate(read_loop(cfgpath), cfg), "ops/s"))
+        judge(r, res.rows["base_minfs_read"].value, "base_minfs_read", 0.8)
+        r = res.add(Row("stat", "stat of committed config.json", rate(stat_loop(cfgpath), cfg), "ops/s"))
+        judge(r, res.rows["base_minfs_stat"].value, "base_minfs_stat", None)
+        r = res.add(Row("mixed_1", "mixed: read config, write memory, write runtime, stat (1 agent)",
+                        rate(agent_mixed_loop(mp, "solo"), cfg), "iter/s"))
+        r = res.add(Row("mixed_16", f"mixed, {cfg.workers} agents in parallel processes, aggregate",
+                        parallel_rate("agent_mixed_loop", [(mp, a) for a in agents], cfg), "iter/s"))
+        judge(r, res.rows["mixed_1"].value, "mixed_1", None)
+        res.add(Row("rss_after_workloads", "daemon RSS after the workloads above", m.rss_mb(), "MB"))
+    finally:
+        m.stop()
+
+
+def store_commit_cost(repo: str, n: int, cfg: Cfg) -> tuple[float, float, float]:
+    """Median µs of Store.commit_batch of one single-file write, and its git-only part."""
+    from agentstatefs.fs.changes import WRITE, Change, Who
+    from agentstatefs.fs.store import Store
+
+    store = Store(repo)
+    try:
+        git_times: list[int] = []
+        apply = store.git.apply
+
+        def timed_apply(change):
+            t = time.perf_counter_ns()
+            try:
+                return apply(change)
+            finally:
+                git_times.append(time.perf_counter_ns() - t)
+        store.git.apply = timed_apply
+        ids = bigrepo.agent_ids(n)
+        rnd = random.Random(42)
+        who = Who(os.getuid(), os.getgid(), os.getpid(), "bench")
+        total: list[int] = []
+        count = max(50, int(cfg.duration * cfg.reps * 300))
+        deadline = time.perf_counter() + cfg.duration * cfg.reps
+        for i in range(count):
+            a = rnd.choice(ids)
+            c = Change(WRITE, a, who, time.time_ns(), files={"config.json": doc(a, i)})
+            t = time.perf_counter_ns()
+            out = store.commit_batch([c])
+            total.append(time.perf_counter_ns() - t)
+            if not out or isinstance(out[0], Exception) or out[0] is None:
+                raise RuntimeError(f"commit failed: {out}")
+            if i >= 50 and time.perf_counter() > deadline:
+                break
+        return (statistics.median(total) / 1000, statistics.median(git_times) / 1000, len(total))
+    finally:
+        store.close()
+
+
+def run_scale(cfg: Cfg, base: str, res: Results) -> None:
+    small, mid, large = cfg.sizes
+    repos = {}
+    print("commit cost vs number of agents (in-process fs.store.Store):", flush=True)
+    for key, n in (("commit_small", small), ("commit_mid", mid), ("commit_large", large)):
+        path = os.path.join(base, f"scale-{n}")
+        t = bigrepo.build(path, n)
+        repos[key] = path
+        med, git_med, count = store_commit_cost(path, n, cfg)
+        r = res.add(Row(key, f"Store.commit_batch, 1 file, random agent of {n:,}", med, "µs",
+                        note=f"git part {git_med:,.0f} µs; {count} commits; repo built in "
+                             f"{t['build_s']:.1f}s + packed in {t['pack_s']:.1f}s"))
+        if key != "commit_small":
+            judge(r, res.rows["commit_small"].value, "commit_small",
+                  1.3 if key == "commit_large" else None, lower_is_better=True)
+
+    print("commit cost through the mount, and memory at scale:", flush=True)
+    mcfg = Cfg(cfg.quick, cfg.duration, cfg.reps, cfg.sizes)
+    mp = os.path.join(base, "scale-mnt")
+    m = Mounted.agentstatefs(repos["commit_small"], mp, os.path.join(base, "scale-small.log"))
+    try:
+        ids = bigrepo.agent_ids(small)
+        r = res.add(Row("mount_commit_small", f"durable write via mount, random agent of {small:,}",
+                        1e6 / rate(random_agents_write_loop(mp, ids), mcfg), "µs"))
+    finally:
+        m.stop()
+    m = Mounted.agentstatefs(repos["commit_large"], mp, os.path.join(base, "scale-large.log"))
+    try:
+        res.add(Row("rss_large_start", f"daemon RSS, {large:,} agents, after mount", m.rss_mb(), "MB"))
+        t0 = time.perf_counter()
+        out = subprocess.run(["ls", mp], capture_output=True, check=True).stdout
+        dt = time.perf_counter() - t0
+        listed = len(out.splitlines())
+        if listed != large:
+            raise RuntimeError(f"ls listed {listed} agents, expected {large}")
+        res.add(Row("ls_root_large", f"ls of the root, {large:,} agents", dt, "s"))
+        res.add(Row("rss_large_after_ls", f"daemon RSS, {large:,} agents, after ls of the root",
+                    m.rss_mb(), "MB"))
+        ids = bigrepo.agent_ids(large)
+        r = res.add(Row("mount_commit_large", f"durable write via mount, random agent of {large:,}",
+                        1e6 / rate(random_agents_write_loop(mp, ids), mcfg), "µs"))
+        judge(r, res.rows["mount_commit_small"].value, "mount_commit_small", 1.3, lower_is_better=True)
+    finally:
+        m.stop()
+
+
+# ---------------------------------------------------------------------------- main
+
+def pick_base(explicit: str | None) -> str:
+    if explicit:
+        return explicit
+    for cand in ("/var/tmp", "/tmp"):
+        r = subprocess.run(["df", "-T", cand], capture_output=True, text=True)
+        if r.returncode == 0 and r.stdout.splitlines()[-1].split()[1] == "ext4":
+            return cand
+    return tempfile.gettempdir()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smoke run: tiny durations and repo sizes")
+    ap.add_argument("--dir", help="where to put temp repos and mounts (default: /var/tmp if ext4)")
+    ap.add_argument("--duration", type=float, help="seconds per repetition (default 2, quick 0.1)")
+    ap.add_argument("--reps", type=int, help="repetitions, median reported (default 3, quick 1)")
+    ap.add_argument("--large", type=int, help="agents in the large repo (default 100000, quick 500)")
+    ap.add_argument("--src", help="run the daemon and the store from this source tree (a checkout of "
+                    "the project; default: the installed agentstatefs, i.e. this working tree)")
+    ap.add_argument("--rev", help="benchmark this git revision of the project (git archive into the temp "
+                    "dir, then as --src): stable numbers while the working tree is being edited")
+    ap.add_argument("--json", help="also write the results as JSON here")
+    ap.add_argument("--markdown", help="also write the table as Markdown here")
+    args = ap.parse_args(argv)
+
+    large = args.large or (500 if args.quick else 100_000)
+    cfg = Cfg(quick=args.quick,
+              duration=args.duration or (0.1 if args.quick else 2.0),
+              reps=args.reps or (1 if args.quick else 3),
+              sizes=(10, 100 if args.quick else 1000, large))
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGTERM, on_term)
+
+    base = tempfile.mkdtemp(prefix="agentstatefs-bench-", dir=pick_base(args.dir))
+    src = args.src
+    if args.rev:
+        # The tree's root is the package ``agentstatefs`` (package-dir "agentstatefs" = ".").
+        src = os.path.join(base, "src")
+        os.makedirs(os.path.join(src, "agentstatefs"))
+        arch = subprocess.run(["git", "-C", str(PROJECT), "archive", args.rev], check=True,
+                              capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", os.path.join(src, "agentstatefs")], input=arch, check=True)
+    elif src:
+        src = os.path.abspath(src)
+        link = os.path.join(base, "src")
+        os.makedirs(link)
+        os.symlink(src, os.path.join(link, "agentstatefs"))
+        src = link
+    if src:
+        sys.path.insert(0, src)
+        os.environ["PYTHONPATH"] = src + os.pathsep + os.environ.get("PYTHONPATH", "")
+    global bigrepo
+    import bigrepo as _bigrepo
+    bigrepo = _bigrepo
+    import agentstatefs
+    print(f"code under test: {os.path.dirname(agentstatefs.__file__)}"
+          + (f" (git {args.rev})" if args.rev else ""), flush=True)
+    res = Results(facts=machine_facts(base))
+    f = res.facts
+    print(f"agentstatefs benchmarks ({'quick' if cfg.quick else 'full'}): {f['nproc']} CPU {f['cpu']}, "
+          f"kernel {f['kernel']}, {f['filesystem']} at {base}, load {f['load_start'][0]:.2f}", flush=True)
+    t0 = time.perf_counter()
+    ok = False
+    try:
+        run_baselines(cfg, base, res)
+        run_mount_workloads(cfg, base, res)
+        run_scale(cfg, base, res)
+        ok = True
+    finally:
+        stop_all()
+        if not any(os.path.ismount(os.path.join(base, x)) for x in os.listdir(base)):
+            shutil.rmtree(base, ignore_errors=True)
+        else:
+            print(f"cleanup: something is still mounted under {base}; left in place", file=sys.stderr)
+    f["load_end"] = os.getloadavg()
+    f["elapsed_s"] = time.perf_counter() - t0
+    print()
+    print_table(res)
+    print(f"\nload average at start {f['load_start'][0]:.2f}, at end {f['load_end'][0]:.2f}; "
+          f"{f['elapsed_s']:.0f}s")
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump({"facts": f, "rows": {k: vars(v) for k, v in res.rows.items()}}, out, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as out:
+            print_markdown(res, out)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
