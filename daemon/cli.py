@@ -110,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Modules adding verbs (each defines register(subparsers)); keep one per line.
 VERB_MODULES: list[str] = [
     "install",
+    "history_cli",
 ]
 
 

@@ -79,7 +79,7 @@ class InodeTable:
             return
         self._lookups.pop(ino, None)
         key = self._keys.get(ino)
-        if key is not None and key[0] in ("agent", "state", "alias") and ino != ROOT:
+        if key is not None and (key[0] in ("agent", "state", "alias") or key[0].startswith("hist-")) and ino != ROOT:
             del self._keys[ino]
         elif key is not None and key[0] == "scratch" and getattr(key[1], "nlink", 1) == 0:
             del self._keys[ino]

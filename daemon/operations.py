@@ -16,18 +16,20 @@ import os
 import stat
 import time
 
+import pygit2
 import pyfuse3
-import trio
 
 from ..fs import changes as ch
 from ..fs.changes import Change, Who
 from ..fs.errors import FsError
-from ..fs.names import (DURABLE_FILES, RUNTIME_FILE, check_agent_id, decode_name, is_durable,
+from ..fs.history import iso as history_iso
+from ..fs.names import (HISTORY_DIR, RUNTIME_FILE, check_agent_id, decode_name, is_durable,
                         is_reserved, is_state)
 from ..fs.runtime import RuntimeLayer
 from ..fs.scratch import ScratchNode, ScratchSpace
 from ..fs.validate import check_json, check_size
 from .handles import Handle
+from .historyview import HistoryView
 from .inodes import ROOT, InodeTable
 from .options import MountOptions
 from .statemgr import StateManager
@@ -95,6 +97,7 @@ class AgentFS(pyfuse3.Operations):
         self._next_fh = 0
         self.mount_ns = time.time_ns()
         self.uid, self.gid = os.getuid(), os.getgid()
+        self.history = HistoryView(store, self.inodes, self.runtime, self._entry, (self.uid, self.gid))
 
     # -- helpers -----------------------------------------------------------------
     def _fh(self) -> int:
@@ -150,6 +153,8 @@ class AgentFS(pyfuse3.Operations):
     def _attr(self, ino: int) -> pyfuse3.EntryAttributes:
         key = self._key(ino)
         kind = key[0]
+        if kind.startswith("hist-"):
+            return self.history.attr(ino, key)
         if kind == "root":
             return self._entry(ROOT, stat.S_IFDIR | 0o755, 2, self.uid, self.gid, 0, self.mount_ns)
         if kind == "agent":
@@ -180,9 +185,20 @@ class AgentFS(pyfuse3.Operations):
             return self._entry(ino, n.mode, n.nlink, n.uid, n.gid, len(n.data), n.mtime_ns, n.ctime_ns)
         raise FsError(errno.ENOENT, f"unknown inode {ino}")
 
-    def _child(self, parent: int, name: str) -> int:
-        """Inode of ``name`` in directory ``parent`` (registered, lookup count untouched)."""
+    def _child(self, parent: int, name: str) -> tuple[int, float | None]:
+        """Inode of ``name`` in directory ``parent`` (registered, lookup count untouched)
+        and the entry timeout to use when it differs from the inode's attribute timeout."""
         key = self._key(parent)
+        kind = key[0]
+        if kind.startswith("hist-"):
+            return self.history.child(key, name)
+        if name == HISTORY_DIR and kind in ("root", "agent"):
+            if kind == "agent":
+                self._agent_view(key[1])
+            return self.inodes.stable(("hist-root", key[1] if kind == "agent" else "")), None
+        return self._live_child(key, name), None
+
+    def _live_child(self, key: tuple, name: str) -> int:
         kind = key[0]
         if kind == "root":
             if is_reserved(name):
@@ -209,6 +225,8 @@ class AgentFS(pyfuse3.Operations):
     def _parent_dir(self, parent: int) -> tuple[str, str | None, ScratchNode | None]:
         """Classify a parent directory: ("root"|"agent"|"scratch", agent, scratch dir node)."""
         key = self._key(parent)
+        if key[0].startswith("hist-"):
+            raise FsError(errno.EROFS, "history is read-only")
         if key[0] == "root":
             return "root", None, None
         if key[0] == "agent":
@@ -247,7 +265,14 @@ class AgentFS(pyfuse3.Operations):
             self.runtime.put(agent, data, who, time.time_ns(), mode=mode)
             self._invalidate_attr(self.inodes.state(agent, name))
             return
-        change = Change(ch.WRITE, agent, who, time.time_ns(), files={name: data},
+        op = ch.WRITE
+        view = self.git.agent(agent)
+        blob = str(pygit2.hash(data))
+        if view is not None and (name not in view.files or str(view.files[name]) != blob):
+            past = self.store.history.past_version(agent, name, blob)
+            if past is not None:
+                op, note = ch.RESTORE, past.commit[:7]
+        change = Change(op, agent, who, time.time_ns(), files={name: data},
                         attrs={name: attrs} if attrs else {}, note=note)
         await self._commit(change)
 
@@ -265,8 +290,10 @@ class AgentFS(pyfuse3.Operations):
     # -- lookup & attributes ---------------------------------------------------------
     @handler
     async def lookup(self, parent_inode, name, ctx):
-        ino = self._child(parent_inode, decode_name(name))
+        ino, entry_timeout = self._child(parent_inode, decode_name(name))
         attr = self._attr(ino)
+        if entry_timeout is not None:
+            attr.entry_timeout = entry_timeout
         self.inodes.remember(ino)
         return attr
 
@@ -278,6 +305,8 @@ class AgentFS(pyfuse3.Operations):
     async def setattr(self, inode, attr, fields, fh, ctx):
         key = self._key(inode)
         kind = key[0]
+        if kind.startswith("hist-"):
+            raise FsError(errno.EROFS, "history is read-only")
         if kind == "root":
             if fields.update_mode or fields.update_uid or fields.update_gid or fields.update_size:
                 raise FsError(errno.EPERM, "the mount root's attributes are fixed")
@@ -404,6 +433,8 @@ class AgentFS(pyfuse3.Operations):
     async def rmdir(self, parent_inode, name, ctx):
         name = decode_name(name)
         where, agent, sdir = self._parent_dir(parent_inode)
+        if name == HISTORY_DIR:
+            raise FsError(errno.EROFS, "history is read-only")
         if where == "root":
             if is_reserved(name):
                 raise FsError(errno.EPERM, f"{name} is reserved")
@@ -432,6 +463,17 @@ class AgentFS(pyfuse3.Operations):
     async def opendir(self, inode, ctx):
         key = self._key(inode)
         entries: list[tuple[str, int]] = []
+        if key[0].startswith("hist-"):
+            count, item = self.history.entries(key)
+            stable = self.inodes.stable
+
+            def hist_item(i):
+                name, k = item(i)
+                return name, stable(k)
+            fh = self._fh()
+            self.dirs[fh] = (count, hist_item)
+            return fh
+        visible_history = [(HISTORY_DIR, None)] if self.opts.history_visible else []
         if key[0] == "root":
             entries = [(a, self.inodes.agent(a)) for a in sorted(self.git.agents())]
         elif key[0] == "agent":
@@ -448,15 +490,18 @@ class AgentFS(pyfuse3.Operations):
             entries = [(n, c.ino) for n, c in sorted(key[1].children.items())]
         else:
             raise FsError(errno.ENOTDIR, "not a directory")
+        if visible_history and key[0] in ("root", "agent"):
+            hist = self.inodes.stable(("hist-root", key[1] if key[0] == "agent" else ""))
+            entries.insert(0, (HISTORY_DIR, hist))
         fh = self._fh()
-        self.dirs[fh] = entries
+        self.dirs[fh] = (len(entries), entries.__getitem__)
         return fh
 
     @handler
     async def readdir(self, fh, start_id, token):
-        entries = self.dirs.get(fh, [])
-        for i in range(start_id, len(entries)):
-            name, ino = entries[i]
+        count, item = self.dirs.get(fh, (0, None))
+        for i in range(start_id, count):
+            name, ino = item(i)
             try:
                 attr = self._attr(ino)
             except FsError:
@@ -487,6 +532,11 @@ class AgentFS(pyfuse3.Operations):
                 self.scratch.resize(node, 0)
             self.handles[fh] = Handle(fh, inode, "scratch", node=node, flags=flags)
             return pyfuse3.FileInfo(fh=fh, keep_cache=False)
+        if key[0] in ("hist-file", "hist-rt"):
+            if writable or flags & os.O_TRUNC:
+                raise FsError(errno.EROFS, "history is read-only")
+            self.handles[fh] = Handle(fh, inode, "history", flags=flags, snapshot=self.history.content(key))
+            return pyfuse3.FileInfo(fh=fh, keep_cache=True)
         if key[0] != "state":
             raise FsError(errno.EISDIR, "is a directory")
         agent, name = key[1], key[2]
@@ -601,21 +651,21 @@ class AgentFS(pyfuse3.Operations):
     @handler
     async def flush(self, fh):
         h = self.handles.get(fh)
-        if h is None or h.kind == "scratch" or not h.dirty:
+        if h is None or h.kind in ("scratch", "history") or not h.dirty:
             return
         await self._commit_handle(h)
 
     @handler
     async def fsync(self, fh, datasync):
         h = self.handles.get(fh)
-        if h is None or h.kind == "scratch" or not h.dirty:
+        if h is None or h.kind in ("scratch", "history") or not h.dirty:
             return
         await self._commit_handle(h)
 
     @handler
     async def release(self, fh):
         h = self.handles.pop(fh, None)
-        if h is None or h.kind == "scratch":
+        if h is None or h.kind in ("scratch", "history"):
             return
         if h.dirty:
             reason = h.last_error.reason if h.last_error else "closed without a successful flush"
@@ -637,6 +687,8 @@ class AgentFS(pyfuse3.Operations):
     async def unlink(self, parent_inode, name, ctx):
         name = decode_name(name)
         where, agent, sdir = self._parent_dir(parent_inode)
+        if name == HISTORY_DIR:
+            raise FsError(errno.EROFS, "history is read-only")
         if where == "root":
             raise FsError(errno.EISDIR if self.git.agent(name) is not None else errno.ENOENT,
                           f"{name} is an agent directory (use rmdir / rm -r)")
@@ -734,12 +786,14 @@ class AgentFS(pyfuse3.Operations):
     def _state_xattrs(self, agent: str, name: str) -> dict[str, bytes]:
         if name == RUNTIME_FILE:
             rf = self.runtime.get(agent)
-            return {"user.agentstatefs.version": str(rf.current.version).encode()} if rf else {}
+            if rf is None:
+                return {}
+            return {"user.agentstatefs.version": str(rf.current.version).encode(),
+                    "user.agentstatefs.time": history_iso(rf.current.time_ns / 1e9).encode()}
         view = self.git.agent(agent)
         fm = view.file_meta(name) if view else None
-        if fm is None:
-            return {}
-        return {"user.agentstatefs.version": str(fm["version"]).encode()}
+        last = self.store.history.last_change(agent, name)
+        return self.history.file_xattrs(agent, name, fm, last.commit if last else None)
 
     @handler
     async def getxattr(self, inode, name, ctx):
@@ -749,6 +803,8 @@ class AgentFS(pyfuse3.Operations):
             return str(os.getpid()).encode()
         if key[0] == "scratch":
             value = key[1].xattrs.get(xname)
+        elif key[0].startswith("hist-"):
+            value = self.history.xattrs(key).get(xname)
         elif key[0] == "state":
             value = self._state_xattrs(key[1], key[2]).get(xname)
         else:
@@ -764,11 +820,15 @@ class AgentFS(pyfuse3.Operations):
             return [k.encode() for k in key[1].xattrs]
         if key[0] == "state":
             return [k.encode() for k in self._state_xattrs(key[1], key[2])]
+        if key[0].startswith("hist-"):
+            return [k.encode() for k in self.history.xattrs(key)]
         return []
 
     @handler
     async def setxattr(self, inode, name, value, ctx):
         key = self._key(inode)
+        if key[0].startswith("hist-"):
+            raise FsError(errno.EROFS, "history is read-only")
         if key[0] != "scratch":
             raise FsError(errno.ENOTSUP, "extended attributes can only be set on scratch files")
         if len(name) > 255:

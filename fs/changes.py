@@ -18,7 +18,8 @@ MKDIR = "mkdir"          # agent created
 RMDIR = "rmdir"          # agent deleted
 CHMOD = "chmod"          # mode change (agent dir or state file)
 CHOWN = "chown"          # owner/group change
-OPS = (WRITE, DELETE, RENAME, MKDIR, RMDIR, CHMOD, CHOWN)
+RESTORE = "restore"      # a state file got content equal to a past version (note = that commit)
+OPS = (WRITE, DELETE, RENAME, MKDIR, RMDIR, CHMOD, CHOWN, RESTORE)
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,9 @@ class Change:
             dst = [n for n, v in self.files.items() if v is not None]
             target = f"{self.agent}/{src[0] if src else '?'} -> {dst[0] if dst else '?'}"
         sizes = [len(v) for v in self.files.values() if v is not None]
-        extra = f" ({sizes[0]} bytes)" if self.op == WRITE and len(sizes) == 1 else ""
+        extra = f" ({sizes[0]} bytes)" if self.op in (WRITE, RESTORE) and len(sizes) == 1 else ""
+        if self.op == RESTORE:
+            return f"restore {target} from {self.note}{extra}"
         note = f", {self.note}" if self.note else ""
         return f"{self.op} {target}{extra}{note}"
 

@@ -76,6 +76,7 @@ class GitStore:
         self._lock = threading.RLock()
         self._agent_cache: OrderedDict[str, AgentView | None] = OrderedDict()
         self._agent_cache_max = agent_cache
+        self._past_cache: OrderedDict[tuple[str, str], AgentView | None] = OrderedDict()
         self._blob_cache: OrderedDict[pygit2.Oid, bytes] = OrderedDict()
         self._blob_cache_bytes = 0
         self._blob_cache_max = blob_cache_bytes
@@ -163,6 +164,23 @@ class GitStore:
         self._agent_cache.move_to_end(agent)
         while len(self._agent_cache) > self._agent_cache_max:
             self._agent_cache.popitem(last=False)
+
+    def agent_at(self, commit_hex: str, agent: str) -> AgentView | None:
+        """The agent as of a past commit (immutable, so cached by (commit, agent))."""
+        key = (commit_hex, agent)
+        with self._lock:
+            if key in self._past_cache:
+                self._past_cache.move_to_end(key)
+                return self._past_cache[key]
+        view = self.load_agent(self.tree_at(commit_hex), agent)
+        with self._lock:
+            self._past_cache[key] = view
+            while len(self._past_cache) > self._agent_cache_max:
+                self._past_cache.popitem(last=False)
+        return view
+
+    def tree_at(self, commit_hex: str) -> pygit2.Tree:
+        return self.repo[commit_hex].tree
 
     def agents(self) -> set[str]:
         """All agent ids at the head (built once by walking the fan-out, then kept up to date)."""

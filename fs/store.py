@@ -25,6 +25,7 @@ import pygit2
 from .changes import Change
 from .errors import FsError, RepoError
 from .gitstore import GitStore
+from .history import CommitIndex
 from .journal import Journal, fsync_dir
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,9 @@ class Store:
             os.makedirs(self.meta_dir, exist_ok=True)
             self.journal = Journal(os.path.join(self.meta_dir, "journal"))
             self._recover()
+        self.history = CommitIndex(self.git.repo, os.path.join(self.meta_dir, "history-index"),
+                                   writable=not readonly)
+        self.history.load(self.git.head)
 
     # -- checkpoint file ---------------------------------------------------------
     def _read_checkpoint(self) -> dict | None:
@@ -142,6 +146,7 @@ class Store:
             head0 = self.git.head
             results: list = []
             payloads: list[bytes] = []
+            made: list[tuple] = []   # (commit oid, change, {file: blob hex}) for the history index
             for change in changes:
                 try:
                     oid = self.git.apply(change)
@@ -154,6 +159,10 @@ class Store:
                 results.append(oid)
                 if oid is not None:
                     payloads.append(change.encode())
+                    view = self.git.agent(change.agent)
+                    files = {n: (str(view.files[n]) if view is not None and n in view.files else "-")
+                             for n in change.files}
+                    made.append((oid, change, files))
             if payloads:
                 try:
                     self.journal.append(payloads)
@@ -167,6 +176,9 @@ class Store:
                     return results
                 self.commits += len(payloads)
                 self.groups += 1
+                for oid, change, files in made:
+                    self.history.append(self.git.repo[oid], change.agent, change.op, files)
+                self.history.flush()
             return results
 
     # -- checkpoint ---------------------------------------------------------------
@@ -191,6 +203,7 @@ class Store:
             return True
 
     def close(self) -> None:
+        self.history.close()
         if self.journal is not None:
             try:
                 self.checkpoint()

@@ -1,0 +1,231 @@
+"""History verbs: ``log``, ``diff``, ``show``, ``restore`` (mounted or unmounted repo).
+
+Reads go straight to the repository (read-only while a daemon serves it). ``restore``
+on a mounted repository writes through the mount, so the daemon stays the only writer;
+on an unmounted one it takes the repository lock and commits through the store.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import sys
+import time
+from contextlib import contextmanager
+
+from ..fs import changes as ch
+from ..fs.errors import FsError, RepoError
+from ..fs.history import iso
+from ..fs.names import DURABLE_FILES, check_agent_id
+from ..fs.repolock import RepoLock
+from ..fs.store import Store
+from .options import DEFAULT_REPO_ROOT, DEFAULT_TENANT
+
+
+def _mounted_at(repo: str) -> str | None:
+    """The mount point of the daemon holding ``repo``'s lock, or None if none does."""
+    lock = RepoLock(repo)
+    try:
+        lock.acquire("(cli)")
+    except RepoError:
+        try:
+            text = open(lock.path).read()
+        except OSError:
+            return ""
+        return text.split(" mounted at ", 1)[1].strip() if " mounted at " in text else ""
+    except OSError:
+        return None
+    lock.release()
+    return None
+
+
+@contextmanager
+def open_store(repo: str, write: bool = False):
+    """A Store for the CLI: recovering (and locked) when no daemon holds the repo."""
+    if not os.path.isdir(os.path.join(repo, "objects")):
+        raise RepoError(f"{repo} is not an agentstatefs repository")
+    lock = RepoLock(repo)
+    locked = False
+    try:
+        lock.acquire("(cli)")
+        locked = True
+    except (RepoError, OSError):
+        if write:
+            raise
+    store = Store(repo, create=False, readonly=not locked)
+    try:
+        yield store
+    finally:
+        if locked:
+            store.close()
+        lock.release()
+
+
+def _split_path(path: str) -> tuple[str, str | None]:
+    agent, _, name = path.strip("/").partition("/")
+    check_agent_id(agent)
+    if name and name not in DURABLE_FILES:
+        raise FsError(2, f"{name}: only {', '.join(DURABLE_FILES)} are versioned")
+    return agent, name or None
+
+
+def cmd_log(args) -> int:
+    with open_store(args.repo) as store:
+        idx = store.history
+        if args.agent:
+            check_agent_id(args.agent)
+            positions = idx.agent_positions(args.agent)
+        else:
+            positions = range(len(idx))
+        shown = 0
+        for pos in reversed(positions):
+            e = idx.entries[pos]
+            if args.file and not any(n == args.file for n, _ in e.files):
+                continue
+            c = store.git.repo[e.commit]
+            print(f"{e.commit[:10]}  {iso(e.time)}  {c.author.name:<32}  {c.message.splitlines()[0]}")
+            shown += 1
+            if args.n and shown >= args.n:
+                break
+    return 0
+
+
+def _file_at(store, rev: str, agent: str, name: str) -> tuple[bytes | None, dict | None, str]:
+    e = store.history.resolve(rev)
+    view = store.git.agent_at(e.commit, agent)
+    if view is None or name not in view.files:
+        return None, None, e.commit
+    return store.git.read_blob(view.files[name]), view.file_meta(name), e.commit
+
+
+def cmd_show(args) -> int:
+    agent, name = _split_path(args.path)
+    if name is None:
+        raise FsError(2, "show needs AGENT/FILE, e.g. a1/config.json")
+    with open_store(args.repo) as store:
+        data, fm, commit = _file_at(store, args.rev, agent, name)
+        if data is None:
+            raise FsError(2, f"{agent}/{name} does not exist at {commit[:10]}")
+        if args.envelope:
+            env = {"agent_id": agent, "state_type": name[:-5], "timestamp": iso(fm["mtime_ns"] / 1e9),
+                   "version": fm["version"], "data": json.loads(data)}
+            print(json.dumps(env, indent=2, ensure_ascii=False))
+        else:
+            sys.stdout.buffer.write(data)
+            sys.stdout.flush()
+    return 0
+
+
+def cmd_diff(args) -> int:
+    with open_store(args.repo) as store:
+        c1, c2 = store.history.resolve(args.rev1).commit, store.history.resolve(args.rev2).commit
+        if args.path:
+            agent, name = _split_path(args.path)
+            pairs = [(agent, n) for n in ([name] if name else DURABLE_FILES)]
+        else:
+            t1, t2 = store.git.tree_at(c1), store.git.tree_at(c2)
+            seen = set()
+            for patch in t1.diff_to_tree(t2):
+                d = patch.delta
+                for path in (d.old_file.path, d.new_file.path):
+                    parts = path.split("/")
+                    if len(parts) == 4 and parts[3] in DURABLE_FILES:
+                        seen.add((parts[2], parts[3]))
+            pairs = sorted(seen)
+        for agent, name in pairs:
+            a = _file_at(store, c1, agent, name)[0]
+            b = _file_at(store, c2, agent, name)[0]
+            if a == b:
+                continue
+            lines = difflib.unified_diff(
+                (a or b"").decode("utf-8", "replace").splitlines(keepends=True),
+                (b or b"").decode("utf-8", "replace").splitlines(keepends=True),
+                fromfile=f"a/{agent}/{name}" if a is not None else "/dev/null",
+                tofile=f"b/{agent}/{name}" if b is not None else "/dev/null")
+            for line in lines:
+                sys.stdout.write(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n")
+    return 0
+
+
+def cmd_restore(args) -> int:
+    agent = check_agent_id(args.agent)
+    if args.file not in DURABLE_FILES:
+        raise FsError(2, f"{args.file}: only {', '.join(DURABLE_FILES)} can be restored")
+    mountpoint = _mounted_at(args.repo)
+    with open_store(args.repo, write=mountpoint is None) as store:
+        data, fm, commit = _file_at(store, args.rev, agent, args.file)
+        if data is None:
+            raise FsError(2, f"{agent}/{args.file} does not exist at {commit[:10]}")
+        if mountpoint is None:
+            who = ch.Who.from_pid(os.getuid(), os.getgid(), os.getpid())
+            todo = []
+            if store.git.agent(agent) is None:
+                m = store.git.agent_at(commit, agent).meta
+                todo.append(ch.Change(ch.MKDIR, agent, who, time.time_ns(),
+                                      attrs={"": {k: m[k] for k in ("mode", "uid", "gid")}}))
+            attrs = {args.file: {k: fm[k] for k in ("mode", "uid", "gid")}}
+            todo.append(ch.Change(ch.RESTORE, agent, who, time.time_ns(), files={args.file: data},
+                                  attrs=attrs, note=commit[:7]))
+            for r in store.commit_batch(todo):
+                if isinstance(r, FsError):
+                    raise r
+            print(f"restored {agent}/{args.file} from {commit[:10]}")
+            return 0
+    if not mountpoint:
+        raise RepoError(f"{args.repo} is in use but its mount point is unknown; restore with cp from @history")
+    os.makedirs(os.path.join(mountpoint, agent), exist_ok=True)
+    with open(os.path.join(mountpoint, agent, args.file), "wb") as f:
+        f.write(data)
+    print(f"restored {agent}/{args.file} from {commit[:10]} (through {mountpoint})")
+    return 0
+
+
+def _run(fn):
+    def wrapped(args):
+        try:
+            return fn(args)
+        except (FsError, RepoError) as exc:
+            print(f"agentstatefs: {getattr(exc, 'reason', exc)}", file=sys.stderr)
+            return 1
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # reader went away (| head)
+            return 0
+        except OSError as exc:
+            print(f"agentstatefs: {exc}", file=sys.stderr)
+            return 1
+    return wrapped
+
+
+def register(sub) -> None:
+    default_repo = os.path.join(DEFAULT_REPO_ROOT, DEFAULT_TENANT)
+    rev_help = "commit id, unique prefix (>= 4 hex), HEAD, HEAD~N or UTC time YYYY-MM-DDTHH:MM:SSZ"
+
+    p = sub.add_parser("log", help="list commits, newest first (optionally of one agent / file)")
+    p.add_argument("agent", nargs="?")
+    p.add_argument("file", nargs="?", choices=DURABLE_FILES)
+    p.add_argument("-n", type=int, default=0, help="show at most N commits")
+    p.add_argument("--repo", default=default_repo)
+    p.set_defaults(func=_run(cmd_log))
+
+    p = sub.add_parser("diff", help="unified diff of state between two revisions")
+    p.add_argument("rev1", help=rev_help)
+    p.add_argument("rev2", help=rev_help)
+    p.add_argument("path", nargs="?", help="AGENT or AGENT/FILE to limit the diff")
+    p.add_argument("--repo", default=default_repo)
+    p.set_defaults(func=_run(cmd_diff))
+
+    p = sub.add_parser("show", help="print a state file as of a revision")
+    p.add_argument("rev", help=rev_help)
+    p.add_argument("path", help="AGENT/FILE, e.g. a1/config.json")
+    p.add_argument("--envelope", action="store_true",
+                   help="wrap as {agent_id, state_type, timestamp, version, data}")
+    p.add_argument("--repo", default=default_repo)
+    p.set_defaults(func=_run(cmd_show))
+
+    p = sub.add_parser("restore", help="make a past version current again (a new commit)")
+    p.add_argument("agent")
+    p.add_argument("file", choices=DURABLE_FILES)
+    p.add_argument("rev", help=rev_help)
+    p.add_argument("--repo", default=default_repo)
+    p.set_defaults(func=_run(cmd_restore))

@@ -1,0 +1,266 @@
+"""The commit index: every commit on ``main`` with its agent, op and file blobs.
+
+Kept in memory (oldest first) and appended to ``agentstatefs/history-index`` as
+commits are made, so listing history, per-agent history, revision resolution and
+"is this content a past version?" never walk git. On open the file is checked against
+``main`` and repaired incrementally (only commits it lacks are read from git).
+
+Revision specs: a full commit id, a unique prefix of at least 4 hex digits, ``HEAD``,
+``HEAD~N``, or a UTC time ``YYYY-MM-DDTHH:MM:SSZ`` (the state as of that instant).
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import logging
+import os
+import re
+import threading
+from calendar import timegm
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import pygit2
+
+from .errors import FsError
+from .layout import agent_path
+from .names import DURABLE_FILES
+
+log = logging.getLogger(__name__)
+
+_HEAD_N = re.compile(r"HEAD(?:~(\d+))?")
+_HEX = re.compile(r"[0-9a-f]{4,40}")
+_TIME = re.compile(r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})Z")
+
+
+@dataclass(frozen=True)
+class Entry:
+    commit: str          # hex id
+    time: int            # commit time, seconds since the epoch (UTC)
+    agent: str
+    op: str
+    files: tuple         # ((name, blob hex or "-"), ...) for durable files this commit touched
+
+
+def parse_time(spec: str) -> int | None:
+    m = _TIME.fullmatch(spec)
+    if not m:
+        return None
+    try:
+        dt = datetime(*map(int, m.groups()), tzinfo=timezone.utc)
+    except ValueError:
+        return None
+    return timegm(dt.utctimetuple())
+
+
+def iso(ts_seconds: float) -> str:
+    return datetime.fromtimestamp(ts_seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _trailers(message: str) -> dict:
+    out = {}
+    for line in message.splitlines():
+        key, sep, value = line.partition(": ")
+        if sep and key in ("Agent", "Op", "Files"):
+            out[key] = value.strip()
+    return out
+
+
+class CommitIndex:
+    """Index of ``main``'s (linear) history."""
+
+    def __init__(self, repo: pygit2.Repository, path: str | None, writable: bool = True):
+        self.repo = repo
+        self.path = path
+        self.writable = writable
+        self._lock = threading.RLock()
+        self.entries: list[Entry] = []
+        self._pos: dict[str, int] = {}
+        self._by_agent: dict[str, list[int]] = {}
+        self._versions: dict[tuple[str, str, str], int] = {}   # (agent, file, blob) -> latest pos
+        self._last: dict[tuple[str, str], int] = {}            # (agent, file) -> pos of last change
+        self._sorted: list[str] | None = None
+        self._file = None
+
+    # -- building -------------------------------------------------------------------
+    def _add(self, e: Entry) -> None:
+        pos = len(self.entries)
+        self.entries.append(e)
+        self._pos[e.commit] = pos
+        self._by_agent.setdefault(e.agent, []).append(pos)
+        for name, blob in e.files:
+            self._last[(e.agent, name)] = pos
+            if blob != "-":
+                self._versions[(e.agent, name, blob)] = pos
+        self._sorted = None
+
+    def _entry_from_commit(self, commit: pygit2.Commit) -> Entry:
+        t = _trailers(commit.message)
+        agent = t.get("Agent", "")
+        op = t.get("Op", "?")
+        names = [n.strip() for n in t.get("Files", "").split(",") if n.strip() in DURABLE_FILES]
+        files = []
+        if agent and names:
+            base = agent_path(agent)
+            for name in names:
+                try:
+                    blob = str(commit.tree[f"{base}/{name}"].id)
+                except KeyError:
+                    blob = "-"
+                files.append((name, blob))
+        return Entry(str(commit.id), commit.commit_time, agent, op, tuple(files))
+
+    @staticmethod
+    def _encode(e: Entry) -> str:
+        files = ",".join(f"{n}:{b}" for n, b in e.files) or "-"
+        return f"{e.commit} {e.time} {e.agent or '-'} {e.op} {files}\n"
+
+    @staticmethod
+    def _decode(line: str) -> Entry:
+        commit, t, agent, op, files = line.split(" ")
+        fl = () if files.strip() == "-" else tuple(tuple(x.split(":", 1)) for x in files.strip().split(","))
+        return Entry(commit, int(t), "" if agent == "-" else agent, op, fl)
+
+    def load(self, head: pygit2.Oid | None) -> None:
+        """Load the index file and make it match ``head`` (repairing only the difference)."""
+        with self._lock:
+            loaded: list[Entry] = []
+            if self.path and os.path.exists(self.path):
+                try:
+                    with open(self.path) as f:
+                        for line in f:
+                            if line.endswith("\n"):
+                                loaded.append(self._decode(line))
+                except (OSError, ValueError) as exc:
+                    log.warning("history index %s unreadable (%s); rebuilding", self.path, exc)
+                    loaded = []
+            known = {e.commit: i for i, e in enumerate(loaded)}
+            missing: list[pygit2.Commit] = []
+            keep = 0
+            if head is not None:
+                oid = head
+                while True:
+                    hexid = str(oid)
+                    if hexid in known:
+                        keep = known[hexid] + 1
+                        break
+                    commit = self.repo[oid]
+                    missing.append(commit)
+                    if not commit.parents:
+                        keep = 0
+                        break
+                    oid = commit.parent_ids[0]
+            rewrite = keep != len(loaded) or not loaded and missing
+            self.entries, self._pos, self._by_agent, self._versions, self._last = [], {}, {}, {}, {}
+            for e in loaded[:keep]:
+                self._add(e)
+            for commit in reversed(missing):
+                self._add(self._entry_from_commit(commit))
+            if missing:
+                log.info("history index: %d commit(s) indexed from git", len(missing))
+            if self.path and self.writable:
+                if rewrite or keep != len(loaded):
+                    tmp = self.path + ".tmp"
+                    with open(tmp, "w") as f:
+                        f.writelines(self._encode(e) for e in self.entries)
+                    os.replace(tmp, self.path)
+                elif missing:
+                    with open(self.path, "a") as f:
+                        f.writelines(self._encode(e) for e in self.entries[keep:])
+                self._file = open(self.path, "a")
+
+    def append(self, commit: pygit2.Commit, agent: str, op: str, files: dict[str, str]) -> None:
+        """Record a commit just made (files: durable name -> blob hex or "-")."""
+        e = Entry(str(commit.id), commit.commit_time, agent, op,
+                  tuple(sorted((n, b) for n, b in files.items() if n in DURABLE_FILES)))
+        with self._lock:
+            self._add(e)
+            if self._file is not None:
+                self._file.write(self._encode(e))
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+    # -- queries --------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def agent_positions(self, agent: str) -> list[int]:
+        return self._by_agent.get(agent, [])
+
+    def position(self, commit_hex: str) -> int | None:
+        return self._pos.get(commit_hex)
+
+    def past_version(self, agent: str, name: str, blob_hex: str) -> Entry | None:
+        """The latest commit where ``agent/name`` had content ``blob_hex``, if any."""
+        pos = self._versions.get((agent, name, blob_hex))
+        return self.entries[pos] if pos is not None else None
+
+    def last_change(self, agent: str, name: str) -> Entry | None:
+        pos = self._last.get((agent, name))
+        return self.entries[pos] if pos is not None else None
+
+    def resolve(self, spec: str, agent: str | None = None) -> Entry:
+        """Resolve a revision spec, within ``agent``'s commits when given.
+
+        Raises FsError(ENOENT) when nothing matches, FsError(EINVAL) for an ambiguous
+        prefix or a malformed spec.
+        """
+        with self._lock:
+            positions = self.agent_positions(agent) if agent is not None else None
+            count = len(positions) if positions is not None else len(self.entries)
+
+            def at(i: int) -> Entry:
+                return self.entries[positions[i] if positions is not None else i]
+
+            m = _HEAD_N.fullmatch(spec)
+            if m:
+                n = int(m.group(1) or 0)
+                if n >= count:
+                    raise FsError(errno.ENOENT, f"{spec}: history has only {count} commit(s)")
+                return at(count - 1 - n)
+            t = parse_time(spec)
+            if t is not None:
+                lo, hi = 0, count
+                while lo < hi:  # last entry with time <= t (times are non-decreasing)
+                    mid = (lo + hi) // 2
+                    if at(mid).time <= t:
+                        lo = mid + 1
+                    else:
+                        hi = mid
+                if lo == 0:
+                    raise FsError(errno.ENOENT, f"{spec}: no commit at or before that time")
+                return at(lo - 1)
+            if _HEX.fullmatch(spec):
+                if len(spec) == 40:
+                    pos = self._pos.get(spec)
+                    matches = [pos] if pos is not None else []
+                else:
+                    if self._sorted is None:
+                        self._sorted = sorted(self._pos)
+                    i = bisect.bisect_left(self._sorted, spec)
+                    matches = []
+                    while i < len(self._sorted) and self._sorted[i].startswith(spec) and len(matches) < 3:
+                        matches.append(self._pos[self._sorted[i]])
+                        i += 1
+                if positions is not None:
+                    allowed = set(positions) if len(matches) else set()
+                    matches = [p for p in matches if p in allowed]
+                if not matches:
+                    raise FsError(errno.ENOENT, f"{spec}: no such commit"
+                                  + (f" changing agent {agent}" if agent else ""))
+                if len(matches) > 1:
+                    raise FsError(errno.EINVAL, f"{spec}: ambiguous commit prefix "
+                                  f"({', '.join(self.entries[p].commit[:12] for p in matches)}...)")
+                return self.entries[matches[0]]
+            raise FsError(errno.ENOENT, f"{spec!r} is not a revision: use a commit id or prefix "
+                          f"(>= 4 hex digits), HEAD, HEAD~N or YYYY-MM-DDTHH:MM:SSZ")
