@@ -51,7 +51,7 @@ def default_mountpoint(tenant: str) -> str:
 
 
 def render_conf(tenant: str, mountpoint: str, options: str = "") -> str:
-    return (f"# agentstatefs tenant "{tenant}": read by agentstatefs@{tenant}.service at each start.\n"
+    return (f"# agentstatefs tenant '{tenant}': read by agentstatefs@{tenant}.service at each start.\n"
             f"# Repository: {DEFAULT_REPO_ROOT}/{tenant} (the unit's StateDirectory).\n"
             f"# Options (-o): see `agentstatefs mount --help`, e.g. allow_other,history=visible\n"
             f"MOUNTPOINT={mountpoint}\n"
@@ -153,7 +153,9 @@ def cmd_install_systemd(args) -> int:
 
 def cmd_clean_mount(args) -> int:
     """Detach ``mountpoint`` if it is a dead FUSE mount; leave anything else alone."""
-    from . import mount  # imports pyfuse3: only this verb needs it
+    from . import logs, mount  # imports pyfuse3: only this verb needs it
+    # Under systemd (ExecStartPre=) stderr goes to the journal: use <N> priority prefixes.
+    logs.setup(systemd=bool(os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID")))
     try:
         mount.clean_stale_mount(os.path.abspath(args.mountpoint))
     except mount.MountError as exc:
