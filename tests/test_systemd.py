@@ -335,14 +335,39 @@ def test_two_tenants_under_real_systemd(sd):
     assert "received SIGTERM" in stop_log and "unmounted" in stop_log, stop_log
 
     # -- tenant "default" with no settings file: the documented defaults ---------------------
+    # (plus a drop-in with a short watchdog, to see it work end to end)
     assert not (tmp / "etc/default.conf").exists()
-    ns.systemctl("start", "agentstatefs@default.service")
+    dunit = "agentstatefs@default.service"
+    dropin = tmp / f"units/{dunit}.d"
+    dropin.mkdir()
+    (dropin / "watchdog.conf").write_text("[Service]\nWatchdogSec=2s\nTimeoutAbortSec=2s\n")
+    ns.systemctl("daemon-reload")
+    ns.systemctl("start", dunit)
     assert ns.run("mountpoint", "/mnt/agents").returncode == 0
     ns.run("mkdir", "/mnt/agents/d1")
     assert ns.run("ls", "/mnt/agents").stdout.split() == ["d1"]
-    assert ns.prop("agentstatefs@default.service", "StatusText").startswith("serving /mnt/agents")
-    ns.systemctl("stop", "agentstatefs@default.service")
-    assert ns.prop("agentstatefs@default.service", "Result") == "success"
+    assert ns.prop(dunit, "StatusText").startswith("serving /mnt/agents")
+    # STATUS follows the store (refreshed with each ping) ...
+    wait_for(lambda: ns.prop(dunit, "StatusText").startswith("serving /mnt/agents, 1 agents, 1 commits"),
+             what="STATUS to show the new agent")
+    # ... pings arrive (the watchdog timestamp moves on) ...
+    first = int(ns.prop(dunit, "WatchdogTimestampMonotonic"))
+    wait_for(lambda: int(ns.prop(dunit, "WatchdogTimestampMonotonic")) > first, what="a watchdog ping")
+    # ... and a daemon that stops answering is killed and replaced by systemd.
+    pid, = ns.host_pids(dunit)
+    t0 = time.monotonic()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: ns.prop(dunit, "NRestarts") == "1" and ns.prop(dunit, "ActiveState") == "active",
+                 what="the watchdog to restart a frozen daemon")
+    finally:
+        if Path(f"/proc/{pid}").exists():
+            os.kill(pid, signal.SIGCONT)
+    timings["watchdog_restart_of_frozen_daemon_s"] = round(time.monotonic() - t0, 3)
+    assert ns.host_pids(dunit) != [pid]
+    assert ns.run("ls", "/mnt/agents").stdout.split() == ["d1"]
+    ns.systemctl("stop", dunit)
+    assert ns.prop(dunit, "Result") == "success"
     assert ns.run("mountpoint", "/mnt/agents", check=False).returncode != 0
     assert (tmp / "var-lib/agentstatefs/default/HEAD").exists() or \
         (tmp / "var-lib/agentstatefs/default").is_dir()
