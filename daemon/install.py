@@ -22,6 +22,7 @@ UNIT_NAME = "agentstatefs@.service"
 UNIT_BIN = "/usr/local/bin/agentstatefs"  # what the shipped template says; replaced on install
 CONF_DIR = "/etc/agentstatefs"
 HELPER_NAME = "mount.fuse.agentstatefs"
+DOC_PATH = "/usr/local/share/doc/agentstatefs/operations.md"  # the unit's Documentation=
 _TENANT = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # becomes a unit instance name and a directory
 
 
@@ -122,6 +123,9 @@ def cmd_install_systemd(args) -> int:
 
     unit_path = root / args.unit_dir.lstrip("/") / UNIT_NAME
     _write(unit_path, unit_text, 0o644, force=True, quiet=args.quiet)
+    doc = Path(__file__).resolve().parent.parent / "docs" / "operations.md"
+    if doc.is_file():  # the unit's Documentation= (a source checkout has it)
+        _write(root / DOC_PATH.lstrip("/"), doc.read_text(), 0o644, force=True, quiet=args.quiet)
     conf_dir = root / CONF_DIR.lstrip("/")
     conf_dir.mkdir(parents=True, exist_ok=True)
     for t in tenants:

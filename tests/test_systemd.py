@@ -484,3 +484,19 @@ def test_clean_mount_leaves_live_mounts_alone(mounts):
     assert not os.path.ismount(m.mp)
     os.statvfs(m.mp)
     assert subprocess.run([BIN, "clean-mount", str(m.mp / "nope")]).returncode == 0
+
+
+def test_read_credential(tmp_path, monkeypatch):
+    from agentstatefs.daemon.credentials import CredentialError, read_credential
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    assert read_credential("key") is None  # not under systemd, or no LoadCredential=
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    assert read_credential("key") is None  # other credentials, not this one
+    (tmp_path / "key").write_bytes(b"\x00secret\n")
+    assert read_credential("key") == b"\x00secret\n"
+    (tmp_path / "big").write_bytes(b"x" * 100)
+    with pytest.raises(CredentialError, match="larger than 10 bytes"):
+        read_credential("big", max_size=10)
+    for bad in ("", "../key", "."):
+        with pytest.raises(CredentialError, match="bad credential name"):
+            read_credential(bad)
