@@ -61,7 +61,8 @@ def build(path: str, n: int, *, pack: bool = True) -> dict:
     t1 = time.perf_counter()
     if pack:
         # A real store packs in the background; a 100k-agent one would be packed.
-        subprocess.run(["git", "-C", path, "repack", "-adq"], check=True)
+        # No delta search (--window=0): 10x faster to build, and reads need no delta chains.
+        subprocess.run(["git", "-C", path, "repack", "-adq", "--window=0"], check=True)
         subprocess.run(["git", "-C", path, "prune-packed"], check=True)
     t2 = time.perf_counter()
     return {"agents": n, "build_s": t1 - t0, "pack_s": t2 - t1}
