@@ -8,6 +8,7 @@ place; ``clean-mount`` detaches a dead mount left by a killed daemon (the unit's
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import re
 import shutil
@@ -160,11 +161,21 @@ def cmd_clean_mount(args) -> int:
     from . import logs, mount  # imports pyfuse3: only this verb needs it
     # Under systemd (ExecStartPre=) stderr goes to the journal: use <N> priority prefixes.
     logs.setup(systemd=bool(os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID")))
+    mp = os.path.abspath(args.mountpoint)
     try:
-        mount.clean_stale_mount(os.path.abspath(args.mountpoint))
+        os.stat(mp)
+        if os.path.ismount(mp):
+            os.statvfs(mp)  # stat may be answered from the kernel's cache; statfs never is
+        dead = False
+    except OSError as exc:
+        dead = exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    try:
+        mount.clean_stale_mount(mp)
     except mount.MountError as exc:
-        print(f"agentstatefs: {exc}", file=sys.stderr)
+        mount.log.error("clean-mount: %s", exc)
         return 1
+    if dead:
+        mount.log.info("clean-mount: detached the dead mount at %s", mp)
     return 0
 
 

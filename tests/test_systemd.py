@@ -307,6 +307,7 @@ def test_two_tenants_under_real_systemd(sd):
     journal = ns.run("journalctl", "--no-pager", "-o", "cat", "-u", units[0]).stdout
     warnings = ns.run("journalctl", "--no-pager", "-o", "cat", "-p", "warning", "-u", units[0]).stdout
     assert "stale FUSE mount" in warnings, journal       # ExecStartPre=- clean-mount, priority 4
+    assert "clean-mount: detached the dead mount" in journal, journal
     assert "ready: serving" in journal and "<6>" not in journal  # priorities parsed by journald
 
     # -- systemctl stop: both unmount cleanly -----------------------------------------------
@@ -481,6 +482,7 @@ def test_clean_mount_leaves_live_mounts_alone(mounts):
         os.statvfs(m.mp)  # stale: "Transport endpoint is not connected"
     r = subprocess.run([BIN, "clean-mount", str(m.mp)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+    assert "detached the dead mount" in r.stderr
     assert not os.path.ismount(m.mp)
     os.statvfs(m.mp)
     assert subprocess.run([BIN, "clean-mount", str(m.mp / "nope")]).returncode == 0
