@@ -88,7 +88,10 @@ class GitStore:
 
     # -- head -------------------------------------------------------------------
     def _load_head(self) -> None:
-        ref = self.repo.references.get(BRANCH)
+        try:
+            ref = self.repo.references.get(BRANCH)
+        except (pygit2.GitError, ValueError) as exc:
+            raise RepoError(f"{self.path}: branch main is unreadable ({exc}); run 'agentstatefs fsck'") from None
         if ref is None:
             self._head, self._root = None, None
             return
@@ -105,15 +108,16 @@ class GitStore:
     def reset_head(self, oid: pygit2.Oid | None) -> None:
         """Point ``main`` at ``oid`` (recovery only) and drop every cache."""
         with self._lock:
+            self._agent_cache.clear()
+            self._agents = None
+            self._head = oid
+            self._root = self.repo[oid].tree if oid is not None else None
             if oid is None:
                 ref = self.repo.references.get(BRANCH)
                 if ref is not None:
                     ref.delete()
             else:
                 self.repo.references.create(BRANCH, oid, force=True)
-            self._agent_cache.clear()
-            self._agents = None
-            self._load_head()
 
     # -- reading ----------------------------------------------------------------
     def _subtree(self, tree: pygit2.Tree | None, name: str) -> pygit2.Tree | None:
@@ -320,7 +324,9 @@ class GitStore:
             root = self._new_root(agent, agent_tree)
             author, committer = signature_for(change.who, change.time_ns)
             parents = [self._head] if self._head is not None else []
-            oid = self.repo.create_commit(BRANCH, author, committer, change.message(), root, parents)
+            oid = self.repo.create_commit(None, author, committer, change.message(), root, parents)
+            # One writer per repository (the lock), so the ref is simply forced to our tip.
+            self.repo.references.create(BRANCH, oid, force=True)
             self._head = oid
             self._root = self.repo[oid].tree
             self._cache_agent(agent, new_view)

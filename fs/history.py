@@ -126,12 +126,15 @@ class CommitIndex:
         """Load the index file and make it match ``head`` (repairing only the difference)."""
         with self._lock:
             loaded: list[Entry] = []
+            torn = False
             if self.path and os.path.exists(self.path):
                 try:
                     with open(self.path) as f:
                         for line in f:
                             if line.endswith("\n"):
                                 loaded.append(self._decode(line))
+                            else:
+                                torn = True  # crash mid-append: rewrite without the fragment
                 except (OSError, ValueError) as exc:
                     log.warning("history index %s unreadable (%s); rebuilding", self.path, exc)
                     loaded = []
@@ -151,7 +154,7 @@ class CommitIndex:
                         keep = 0
                         break
                     oid = commit.parent_ids[0]
-            rewrite = keep != len(loaded) or not loaded and missing
+            rewrite = torn or keep != len(loaded) or (not loaded and bool(missing))
             self.entries, self._pos, self._by_agent, self._versions, self._last = [], {}, {}, {}, {}
             for e in loaded[:keep]:
                 self._add(e)

@@ -103,7 +103,20 @@ class Store:
         self._cp = {"commit": str(commit) if commit else None, "seq": seq}
 
     # -- recovery ---------------------------------------------------------------
+    def _remove_stale_git_locks(self) -> None:
+        """A kill -9 during a ref update leaves ``*.lock`` files that block every later commit.
+
+        We hold the repository lock, so no other writer can own them."""
+        candidates = [os.path.join(self.repo_dir, n) for n in ("HEAD.lock", "packed-refs.lock", "config.lock")]
+        for root, _, files in os.walk(os.path.join(self.repo_dir, "refs")):
+            candidates += [os.path.join(root, f) for f in files if f.endswith(".lock")]
+        for path in candidates:
+            if os.path.exists(path):
+                log.warning("recovery: removing stale git lock %s", path)
+                os.unlink(path)
+
     def _recover(self) -> None:
+        self._remove_stale_git_locks()
         cp = self._cp
         base_seq = cp["seq"] if cp else 0
         records = list(self.journal.read_after(base_seq))
@@ -170,7 +183,12 @@ class Store:
                 except OSError as exc:
                     # Nothing of this group is durable: forget it entirely.
                     log.error("journal write failed (%s); group of %d change(s) rolled back", exc, len(payloads))
-                    self.git.reset_head(head0)
+                    try:
+                        self.git.reset_head(head0)
+                    except (pygit2.GitError, OSError) as exc2:
+                        # In memory the head is back; the ref is rewritten by the next commit
+                        # (or by recovery, which always starts from the checkpoint).
+                        log.error("could not rewind branch main on disk yet: %s", exc2)
                     err = FsError(_errno_of(exc), f"journal write failed: {exc.strerror}")
                     results = [err if not isinstance(r, FsError) else r for r in results]
                     return results
