@@ -103,6 +103,8 @@ class _Probe:
             return None
         except OSError as exc:
             return exc
+        except Exception as exc:  # never let a probe take the daemon down
+            return OSError(0, f"statvfs failed: {exc!r}")
         finally:
             self._busy.clear()
 
@@ -122,9 +124,18 @@ async def run(mountpoint: str, status: Callable[[], str]) -> None:
 
     Runs until cancelled; returns at once outside systemd. ``status()`` returns the
     STATUS line; it runs in a worker thread and may raise (the error is logged).
+    An unexpected error here is logged and ends the notifier, never the daemon; with a
+    watchdog configured, systemd then restarts the service, which is the safe outcome.
     """
     if not enabled():
         return
+    try:
+        await _run(mountpoint, status)
+    except Exception:
+        log.exception("systemd notifier failed; no more READY/STATUS/WATCHDOG messages")
+
+
+async def _run(mountpoint: str, status: Callable[[], str]) -> None:
     probe = _Probe(mountpoint)
     delay = 0.005
     while True:  # wait until the kernel gets answers from our request loop
