@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 VERB_MODULES: list[str] = [
     "install",
     "history_cli",
+    "maint_cli",
 ]
 
 

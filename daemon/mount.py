@@ -86,6 +86,8 @@ async def _serve(ops: AgentFS, sm: StateManager, on_ready, notifier=None) -> Non
     async with trio.open_nursery() as nursery:
         nursery.start_soon(sm.run_committer)
         nursery.start_soon(sm.run_checkpointer)
+        if ops.opts.pack_every > 0:
+            nursery.start_soon(sm.run_packer, ops.opts.pack_every, 5.0)
         nursery.start_soon(_watch_signals, sm)
         if notifier is not None:  # systemd: READY=1 once the mount answers, watchdog, STATUS
             nursery.start_soon(notifier)

@@ -22,6 +22,7 @@ mount options (-o opt[,opt...], may be repeated):
   runtime_versions=N    versions of runtime.json kept in RAM (default 10)
   scratch_max=SIZE      total RAM for scratch files of the mount (default 256M); past it -> ENOSPC
   checkpoint_interval=SECONDS  how often git objects are synced and the journal trimmed (default 1)
+  pack_every=N          pack loose git objects in the background after N commits (default 2000; 0 = never)
 """
 
 _SIZE = re.compile(r"(\d+)([KMG]?)i?B?", re.I)
@@ -44,6 +45,7 @@ class MountOptions:
     runtime_versions: int = 10
     scratch_max: int = 256 << 20
     checkpoint_interval: float = 1.0
+    pack_every: int = 2000
 
     @classmethod
     def parse(cls, groups: list[str] | None) -> "MountOptions":
@@ -79,6 +81,8 @@ class MountOptions:
                         o.scratch_max = parse_size(value)
                     elif key == "checkpoint_interval":
                         o.checkpoint_interval = float(value)
+                    elif key == "pack_every":
+                        o.pack_every = int(value)
                     else:
                         raise ValueError(f"unknown mount option {key!r}")
                 except ValueError as exc:

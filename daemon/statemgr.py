@@ -42,6 +42,7 @@ class StateManager:
         self._idle.set()
         self.in_flight = 0          # FUSE handlers currently running
         self.commit_latency_ns: list[int] = []
+        self.packs = 0
 
     async def commit(self, change: Change):
         """Commit ``change`` durably; returns the commit Oid or None (no change)."""
@@ -92,6 +93,31 @@ class StateManager:
                     await trio.to_thread.run_sync(self.store.checkpoint)
                 except Exception:
                     log.exception("checkpoint failed (will retry)")
+
+    async def run_packer(self, every_commits: int = 2000, poll: float = 30.0) -> None:
+        """Pack loose objects in the background (``git repack -d``, a separate process).
+
+        Writers never wait for it: new loose objects keep being written while it runs
+        and only objects already in the new pack are deleted."""
+        from ..fs.fsck import repack_command
+        packed_at = self.store.commits
+        while True:
+            await trio.sleep(poll)
+            if self.store.readonly or self.store.commits - packed_at < every_commits:
+                continue
+            packed_at = self.store.commits
+            t0 = time.monotonic()
+            try:
+                result = await trio.run_process(repack_command(self.store.repo_dir), capture_stdout=True,
+                                                capture_stderr=True, check=False)
+            except OSError as exc:
+                log.error("background packing could not start: %s", exc)
+                continue
+            if result.returncode != 0:
+                log.error("background packing failed: %s", result.stderr.decode(errors="replace").strip())
+            else:
+                log.info("packed loose objects in %.2f s", time.monotonic() - t0)
+                self.packs += 1
 
     async def quiesce(self, timeout: float = 30.0) -> None:
         """Wait until no handler runs and nothing is pending (used before unmount)."""
