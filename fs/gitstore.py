@@ -99,7 +99,8 @@ class GitStore:
             commit = self.repo[ref.target]
             self._head, self._root = commit.id, commit.tree
         except (KeyError, ValueError, pygit2.GitError) as exc:
-            raise RepoError(f"{self.path}: branch main points to an unreadable commit {ref.target}: {exc}") from None
+            raise RepoError(f"{self.path}: branch main points to a missing or corrupt commit {ref.target} "
+                            f"({exc}); run 'agentstatefs fsck'") from None
 
     @property
     def head(self) -> pygit2.Oid | None:

@@ -83,7 +83,8 @@ class Journal:
     def open_new_segment(self) -> None:
         """Start writing a fresh segment (its directory entry made durable first)."""
         if self._fd is not None:
-            os.close(self._fd)
+            fd, self._fd = self._fd, None
+            os.close(fd)
         path = os.path.join(self.dir, f"{self.next_seq:020d}.log")
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o600)
         fsync_dir(self.dir)

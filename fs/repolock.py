@@ -12,8 +12,13 @@ class RepoLock:
         self._fd: int | None = None
 
     def acquire(self, mountpoint: str) -> None:
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        repo = os.path.dirname(os.path.dirname(self.path))
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise RepoError(f"repository {repo} is not writable ({exc.strerror}); "
+                            f"mount with -o ro to serve it read-only") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -44,7 +44,8 @@ def syncfs(path: str) -> None:
         os.close(fd)
 
 
-def _errno_of(exc: BaseException) -> int:
+def _errno_of(exc: BaseException, path: str | None = None) -> int:
+    """The errno behind an OSError or a libgit2 error (whose message may be just "no error")."""
     if isinstance(exc, OSError) and exc.errno:
         return exc.errno
     text = str(exc).lower()
@@ -52,6 +53,13 @@ def _errno_of(exc: BaseException) -> int:
         return errno.ENOSPC
     if "read-only" in text:
         return errno.EROFS
+    if path is not None:
+        try:
+            st = os.statvfs(path)
+            if st.f_bavail * st.f_frsize < (1 << 20) or st.f_favail == 0:
+                return errno.ENOSPC
+        except OSError:
+            pass
     return errno.EIO
 
 
@@ -167,7 +175,8 @@ class Store:
                     results.append(exc)
                     continue
                 except (pygit2.GitError, OSError) as exc:
-                    results.append(FsError(_errno_of(exc), f"git write failed: {exc}"))
+                    e = _errno_of(exc, self.repo_dir)
+                    results.append(FsError(e, f"git write failed: {os.strerror(e)} (libgit2: {exc})"))
                     continue
                 results.append(oid)
                 if oid is not None:
@@ -189,7 +198,8 @@ class Store:
                         # In memory the head is back; the ref is rewritten by the next commit
                         # (or by recovery, which always starts from the checkpoint).
                         log.error("could not rewind branch main on disk yet: %s", exc2)
-                    err = FsError(_errno_of(exc), f"journal write failed: {exc.strerror}")
+                    e = _errno_of(exc, self.repo_dir)
+                    err = FsError(e, f"journal write failed: {os.strerror(e)}")
                     results = [err if not isinstance(r, FsError) else r for r in results]
                     return results
                 self.commits += len(payloads)
