@@ -151,6 +151,7 @@ def test_install_systemd_into_a_root(tmp_path):
     assert "MOUNTPOINT=/mnt/agents\n" in (root / "etc/agentstatefs/default.conf").read_text()
     assert "MOUNTPOINT=/mnt/agents-t2\n" in (root / "etc/agentstatefs/t2.conf").read_text()
     assert os.readlink(root / "sbin/mount.fuse.agentstatefs") == HELPER
+    assert (root / install.DOC_PATH.lstrip("/")).read_text() == (HERE.parent / "docs/operations.md").read_text()
     # Settings the admin edited are kept; the unit is refreshed (an upgrade).
     (root / "etc/agentstatefs/t2.conf").write_text("MOUNTPOINT=/srv/t2\n")
     r = subprocess.run([BIN, "install-systemd", "--root", str(root), "--tenant", "t2", "--no-reload"],
