@@ -74,12 +74,15 @@ def test_kill9_storm(mounts):
             assert not t.is_alive(), "a writer hung on a dead mount"
         m.start("checkpoint_interval=0.2")
 
+        head = m.git("rev-parse", "main").strip()
         committed = history_blobs(m)
         for (agent, name), versions in acked.items():
             path = m.tree_path(agent, name)
             for data in versions:
                 assert (path, str(pygit2.hash(data))) in committed, \
-                    f"round {rnd}: acknowledged {agent}/{name} seq {json.loads(data)['seq']} lost"
+                    (f"round {rnd}: acknowledged {agent}/{name} seq {json.loads(data)['seq']} "
+                     f"(blob {pygit2.hash(data)}) not in history of {head} "
+                     f"({m.commit_count()} commits now, main now {m.git('rev-parse', 'main').strip()})")
             current = (m / agent / name).read_bytes()
             assert current in (versions[-1], inflight.get((agent, name))), f"round {rnd}: {agent}/{name}"
             acked_total += len(versions)
