@@ -82,7 +82,7 @@ def prepare_mountpoint(mountpoint: str) -> None:
         raise MountError(f"mount point {mountpoint} is not a directory")
 
 
-async def _serve(ops: AgentFS, sm: StateManager, on_ready, notifier=None) -> None:
+async def _serve(ops: AgentFS, sm: StateManager, mountpoint: str, on_ready, notifier=None) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(sm.run_committer)
         nursery.start_soon(sm.run_checkpointer)
@@ -91,12 +91,24 @@ async def _serve(ops: AgentFS, sm: StateManager, on_ready, notifier=None) -> Non
         nursery.start_soon(_watch_signals, sm)
         if notifier is not None:  # systemd: READY=1 once the mount answers, watchdog, STATUS
             nursery.start_soon(notifier)
-        on_ready()
+        nursery.start_soon(_ready_when_answering, mountpoint, on_ready)
         await pyfuse3.main()
         # The FUSE loop ended (unmounted, or terminate() after a signal).
         sdnotify.stopping("unmounted; finishing in-flight commits")
         await sm.quiesce()
         nursery.cancel_scope.cancel()
+
+
+async def _ready_when_answering(mountpoint: str, on_ready) -> None:
+    """Report readiness (the parent of a background mount waits for it) only once a
+    ``statvfs`` through the kernel has been answered by this daemon."""
+    while True:
+        try:
+            await trio.to_thread.run_sync(os.statvfs, mountpoint, abandon_on_cancel=True)
+            break
+        except OSError:
+            await trio.sleep(0.01)
+    on_ready()
 
 
 async def _watch_signals(sm: StateManager) -> None:
@@ -190,7 +202,7 @@ def run(repo: str, mountpoint: str, options: MountOptions, *, foreground: bool,
 
     clean = False
     try:
-        trio.run(_serve, ops, sm, on_ready,
+        trio.run(_serve, ops, sm, mountpoint, on_ready,
                  functools.partial(sdnotify.run, mountpoint, sdnotify.store_status(store, mountpoint)))
         clean = True
     except BaseException:
