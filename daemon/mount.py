@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 import pyfuse3
+import pygit2
 import trio
 
 from ..fs.errors import RepoError
@@ -169,6 +170,9 @@ def run(repo: str, mountpoint: str, options: MountOptions, *, foreground: bool,
             sys.stderr.flush()
         return 1
 
+    # libgit2's object cache grows to hundreds of MB at 100,000 agents; our own LRUs
+    # (agents, blobs) hold what matters, so keep libgit2's small.
+    pygit2.option(pygit2.enums.Option.SET_CACHE_MAX_SIZE, 32 << 20)
     lock = RepoLock(repo)
     try:
         prepare_mountpoint(mountpoint)

@@ -185,6 +185,16 @@ class AgentFS(pyfuse3.Operations):
             return self._entry(ino, n.mode, n.nlink, n.uid, n.gid, len(n.data), n.mtime_ns, n.ctime_ns)
         raise FsError(errno.ENOENT, f"unknown inode {ino}")
 
+    def _listing_attr(self, ino: int) -> pyfuse3.EntryAttributes:
+        """Attributes for readdir. An agent not in the cache is not loaded just to be
+        listed (``ls`` of 100,000 agents): it gets directory attributes the kernel must
+        not cache (timeouts 0), so ``stat``/``ls -l`` still ask getattr for the truth."""
+        key = self._key(ino)
+        if key[0] == "agent" and self.git.cached_agent(key[1]) is None:
+            e = self._entry(ino, stat.S_IFDIR | 0o755, 2, 0, 0, 0, self.mount_ns, timeout=0)
+            return e
+        return self._attr(ino)
+
     def _child(self, parent: int, name: str) -> tuple[int, float | None]:
         """Inode of ``name`` in directory ``parent`` (registered, lookup count untouched)
         and the entry timeout to use when it differs from the inode's attribute timeout."""
@@ -503,7 +513,7 @@ class AgentFS(pyfuse3.Operations):
         for i in range(start_id, count):
             name, ino = item(i)
             try:
-                attr = self._attr(ino)
+                attr = self._listing_attr(ino)
             except FsError:
                 continue  # removed since opendir
             if not pyfuse3.readdir_reply(token, name.encode(), attr, i + 1):

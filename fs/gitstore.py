@@ -121,6 +121,15 @@ class GitStore:
                 self.repo.references.create(BRANCH, oid, force=True)
 
     # -- reading ----------------------------------------------------------------
+    def write_ref(self, oid: pygit2.Oid) -> None:
+        """Point ``main`` at ``oid`` on disk (one writer per repository: simply forced)."""
+        self.repo.references.create(BRANCH, oid, force=True)
+
+    def cached_agent(self, agent: str) -> AgentView | None:
+        """The agent's view if it is in the cache, without loading it (None otherwise)."""
+        with self._lock:
+            return self._agent_cache.get(agent)
+
     def _subtree(self, tree: pygit2.Tree | None, name: str) -> pygit2.Tree | None:
         if tree is None:
             return None
@@ -286,11 +295,13 @@ class GitStore:
             tb.insert(a, new_l1, FileMode.TREE)
         return self._tree_write(tb)
 
-    def apply(self, change: ch.Change) -> pygit2.Oid | None:
+    def apply(self, change: ch.Change, update_ref: bool = True) -> pygit2.Oid | None:
         """Commit ``change`` on top of the head; None when it changes nothing.
 
         Raises FsError (ENOENT, EEXIST, ENOTEMPTY) when the change does not fit
         the current state. Deterministic: same head + same change = same commit.
+        With ``update_ref=False`` only the in-memory head moves (the caller writes
+        the ref once for a whole group with ``write_ref``).
         """
         with self._lock:
             agent = change.agent
@@ -326,8 +337,8 @@ class GitStore:
             author, committer = signature_for(change.who, change.time_ns)
             parents = [self._head] if self._head is not None else []
             oid = self.repo.create_commit(None, author, committer, change.message(), root, parents)
-            # One writer per repository (the lock), so the ref is simply forced to our tip.
-            self.repo.references.create(BRANCH, oid, force=True)
+            if update_ref:
+                self.write_ref(oid)
             self._head = oid
             self._root = self.repo[oid].tree
             self._cache_agent(agent, new_view)

@@ -170,7 +170,7 @@ class Store:
             made: list[tuple] = []   # (commit oid, change, {file: blob hex}) for the history index
             for change in changes:
                 try:
-                    oid = self.git.apply(change)
+                    oid = self.git.apply(change, update_ref=False)
                 except FsError as exc:
                     results.append(exc)
                     continue
@@ -187,9 +187,10 @@ class Store:
                     made.append((oid, change, files))
             if payloads:
                 try:
+                    self.git.write_ref(self.git.head)  # once per group, before the journal sync
                     self.journal.append(payloads)
                     self.journal.sync()
-                except OSError as exc:
+                except (OSError, pygit2.GitError) as exc:
                     # Nothing of this group is durable: forget it entirely.
                     log.error("journal write failed (%s); group of %d change(s) rolled back", exc, len(payloads))
                     try:
@@ -199,7 +200,7 @@ class Store:
                         # (or by recovery, which always starts from the checkpoint).
                         log.error("could not rewind branch main on disk yet: %s", exc2)
                     e = _errno_of(exc, self.repo_dir)
-                    err = FsError(e, f"journal write failed: {os.strerror(e)}")
+                    err = FsError(e, f"journal write failed: {os.strerror(e)} ({exc})")
                     results = [err if not isinstance(r, FsError) else r for r in results]
                     return results
                 self.commits += len(payloads)

@@ -425,3 +425,14 @@ def test_other_uid_is_denied(mounts):
                        capture_output=True, text=True)
     assert r.returncode != 0 and "Permission denied" in r.stderr
     assert m.git("log", "-1", "--format=%s").startswith("chmod a1/config.json")
+
+
+def test_ls_l_shows_true_attributes_of_agents_not_yet_loaded(mounts):
+    m = mounts().start()
+    sh("mkdir a1 a2 && chmod 700 a1 && chown 4242:4343 a2", cwd=m.mp)
+    m.stop()
+    m.start()  # cold caches: readdir lists agents without loading them
+    out = sh("ls -ln", cwd=m.mp).stdout.splitlines()
+    rows = {line.split()[-1]: line.split() for line in out if line.startswith("d")}
+    assert rows["a1"][0] == "drwx------" and rows["a2"][2:4] == ["4242", "4343"]
+    assert os.stat(m / "a1").st_mode & 0o777 == 0o700
