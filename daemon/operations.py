@@ -679,6 +679,7 @@ class AgentFS(pyfuse3.Operations):
             return
         if h.dirty:
             reason = h.last_error.reason if h.last_error else "closed without a successful flush"
+            reason = reason.removeprefix(f"{h.agent}/{h.name}: ")
             log.warning("%s/%s: not committed (%s); previous version kept (pid %d %s, uid %d)",
                         h.agent, h.name, reason, h.who.pid, h.who.comm, h.who.uid)
         if h.created and (h.agent, h.name) in self.pending:
