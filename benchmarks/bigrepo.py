@@ -70,10 +70,8 @@ def build(path: str, n: int, *, method: str = "fast-import", pack: bool = True) 
     repo.create_commit(BRANCH, sig, sig, f"bench: {n} agents\n", root.write(), [])
     t1 = time.perf_counter()
     if pack:
-        # A live store is packed in the background with `git repack -d` (fs/fsck.py), delta
-        # search included, so the big repo is packed the same way. (A --window=0 pack builds
-        # 2x faster but made every later commit ~2x slower, with a sawtooth over time:
-        # not what a real store sees.)
+        # A live store is packed in the background with `git repack -d` (fs/fsck.py),
+        # delta search included, so the repo is packed the same way.
         subprocess.run(["git", "-C", path, "repack", "-adq"], check=True)
         subprocess.run(["git", "-C", path, "prune-packed"], check=True)
     t2 = time.perf_counter()
