@@ -20,6 +20,20 @@ def is_stale(path: Path) -> bool:
         return True
 
 
+def is_live_mount(path: Path) -> bool:
+    """A mount answers at ``path``, checked atomically enough to survive the window in
+    which a new daemon lazily detaches the dead mount it replaces: the device seen
+    before and after the statvfs probe must be the same, and not the parent's."""
+    try:
+        before = os.stat(path).st_dev
+        if before == os.stat(path.parent).st_dev:
+            return False
+        os.statvfs(path)
+        return os.stat(path).st_dev == before
+    except OSError:
+        return False
+
+
 class Mount:
     """One daemon process serving ``repo`` at ``mp``."""
 
@@ -44,7 +58,7 @@ class Mount:
     def wait_mounted(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if os.path.ismount(self.mp) and not is_stale(self.mp):
+            if is_live_mount(self.mp):
                 return
             if self.proc.poll() is not None:
                 raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
