@@ -23,7 +23,6 @@ class Handle:
     snapshot: bytes = b""          # committed content as of open (or last commit by us)
     buffer: bytearray | None = None
     dirty: bool = False
-    written: bool = False          # at least one write()/truncate since the last commit
     created: bool = False          # this handle created the (not yet committed) file
     last_error: object = None      # FsError of the last failed commit attempt
 

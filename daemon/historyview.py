@@ -19,12 +19,14 @@ is immutable and gets long kernel cache timeouts.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import stat
 
 from ..fs.errors import FsError
+from ..fs.gitstore import AgentView
 from ..fs.history import iso
-from ..fs.names import DURABLE_FILES, RUNTIME_FILE
+from ..fs.names import DURABLE_FILES
 
 IMMUTABLE = 3600.0
 LIVE = 1.0
@@ -95,10 +97,7 @@ class HistoryView:
 
     def _view_or_empty(self, hexid: str, agent: str):
         view = self.git.agent_at(hexid, agent)
-        if view is None:
-            from ..fs.gitstore import AgentView
-            return AgentView(meta={}, files={})
-        return view
+        return view if view is not None else AgentView(meta={}, files={})
 
     # -- attributes ----------------------------------------------------------------------
     def attr(self, ino: int, key: tuple):
@@ -215,7 +214,6 @@ class HistoryView:
         if pos is None:
             return None
         positions = self.index.agent_positions(agent)
-        import bisect
         i = bisect.bisect_right(positions, pos) - 1
         while i >= 0:
             e = self.index.entries[positions[i]]
@@ -251,5 +249,3 @@ class HistoryView:
     def is_history(key: tuple) -> bool:
         return key[0].startswith("hist-")
 
-
-__all__ = ["HistoryView", "RUNTIME_FILE"]

@@ -191,8 +191,7 @@ class AgentFS(pyfuse3.Operations):
         not cache (timeouts 0), so ``stat``/``ls -l`` still ask getattr for the truth."""
         key = self._key(ino)
         if key[0] == "agent" and self.git.cached_agent(key[1]) is None:
-            e = self._entry(ino, stat.S_IFDIR | 0o755, 2, 0, 0, 0, self.mount_ns, timeout=0)
-            return e
+            return self._entry(ino, stat.S_IFDIR | 0o755, 2, 0, 0, 0, self.mount_ns, timeout=0)
         return self._attr(ino)
 
     def _child(self, parent: int, name: str) -> tuple[int, float | None]:
