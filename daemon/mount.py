@@ -25,7 +25,7 @@ from ..fs.store import Store
 from . import logs, sdnotify
 from .operations import AgentFS
 from .options import MountOptions
-from .statemgr import StateManager
+from ..fs.statemgr import StateManager
 
 log = logging.getLogger("agentstatefs")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -18,21 +19,79 @@ mount options (-o opt[,opt...], may be repeated):
   fsname=NAME           source name shown in /proc/mounts and df (default agentstatefs:REPO)
   history=hidden|visible  list @history directories in readdir (default hidden;
                         they resolve by name either way)
-  max_size=SIZE         size cap per state file, e.g. 16M (default 16M); larger -> EFBIG
-  runtime_versions=N    versions of runtime.json kept in RAM (default 10)
-  scratch_max=SIZE      total RAM for scratch files of the mount (default 256M); past it -> ENOSPC
-  checkpoint_interval=SECONDS  how often git objects are synced and the journal trimmed (default 1)
+  max_size=SIZE         size cap per state file, e.g. 16M (default 16M, 1 byte to 1G); larger -> EFBIG
+  buffer_max=SIZE       total RAM for open state-file write buffers (default 256M, 1M to 64G);
+                        a write past it gets ENOSPC
+  runtime_versions=N    versions of runtime.json kept in RAM (default 10, 1 to 1000)
+  scratch_max=SIZE      total RAM for scratch files of the mount (default 256M, 0 to 64G); past it -> ENOSPC
+  history_max=N         most entries returned when listing one @history directory, newer first
+                        (default 10000, 100 to 10000000)
+  checkpoint_interval=SECONDS  how often git objects are synced and the journal trimmed
+                        (default 1, 0.01 to 86400)
   pack_every=N          pack loose git objects in the background after N commits (default 2000; 0 = never)
+SIZE is a number of bytes with an optional K, M or G suffix (powers of 1024), e.g. 512K, 16M.
 """
 
-_SIZE = re.compile(r"(\d+)([KMG]?)i?B?", re.I)
+_SIZE = re.compile(r"(\d{1,20})([KMG]?)i?B?", re.I | re.A)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 
 def parse_size(text: str) -> int:
     m = _SIZE.fullmatch(text.strip())
     if not m:
         raise ValueError(f"bad size {text!r} (use e.g. 4096, 512K, 16M, 1G)")
-    return int(m.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[m.group(2).upper()]
+    return int(m.group(1)) * _UNITS[m.group(2).upper()]
+
+
+def format_size(n: int) -> str:
+    for suffix in ("G", "M", "K"):
+        if n >= _UNITS[suffix] and n % _UNITS[suffix] == 0:
+            return f"{n // _UNITS[suffix]}{suffix}"
+    return f"{n} byte" if n == 1 else str(n)
+
+
+# Accepted ranges (inclusive) of the numeric options.
+RANGES: dict[str, tuple] = {
+    "max_size": (1, 1 << 30),
+    "buffer_max": (1 << 20, 64 << 30),
+    "scratch_max": (0, 64 << 30),
+    "runtime_versions": (1, 1000),
+    "history_max": (100, 10_000_000),
+    "checkpoint_interval": (0.01, 86400.0),
+    "pack_every": (0, None),
+}
+_SIZES = ("max_size", "buffer_max", "scratch_max")
+_INTS = ("runtime_versions", "history_max", "pack_every")
+
+
+def _in_range(key: str, value, show=str, unit: str = ""):
+    lo, hi = RANGES[key]
+    if hi is None:
+        if value < lo:
+            raise ValueError(f"must be >= {show(lo)}")
+    elif not lo <= value <= hi:
+        if value <= 0 < lo:
+            raise ValueError(f"must be > 0 (from {show(lo)} to {show(hi)}{unit})")
+        raise ValueError(f"must be from {show(lo)} to {show(hi)}{unit}")
+    return value
+
+
+def parse_number(key: str, text: str):
+    """Parse and range-check the value of a numeric option (ValueError says why)."""
+    text = text.strip()
+    if key in _SIZES:
+        return _in_range(key, parse_size(text), format_size)
+    if key in _INTS:
+        if not re.fullmatch(r"\+?\d{1,18}|-\d{1,18}", text, re.A):
+            raise ValueError("must be a whole number")
+        return _in_range(key, int(text))
+    try:  # seconds
+        value = float(text)
+    except ValueError:
+        raise ValueError("must be a number of seconds") from None
+    if not math.isfinite(value):
+        raise ValueError("must be a finite number of seconds")
+    return _in_range(key, value, lambda x: f"{x:g}", " seconds")
 
 
 @dataclass
@@ -46,6 +105,8 @@ class MountOptions:
     scratch_max: int = 256 << 20
     checkpoint_interval: float = 1.0
     pack_every: int = 2000
+    buffer_max: int = 256 << 20
+    history_max: int = 10000
 
     @classmethod
     def parse(cls, groups: list[str] | None) -> "MountOptions":
@@ -71,18 +132,8 @@ class MountOptions:
                         if value not in ("hidden", "visible"):
                             raise ValueError("history must be hidden or visible")
                         o.history_visible = value == "visible"
-                    elif key == "max_size":
-                        o.max_size = parse_size(value)
-                    elif key == "runtime_versions":
-                        o.runtime_versions = int(value)
-                        if o.runtime_versions < 1:
-                            raise ValueError("runtime_versions must be >= 1")
-                    elif key == "scratch_max":
-                        o.scratch_max = parse_size(value)
-                    elif key == "checkpoint_interval":
-                        o.checkpoint_interval = float(value)
-                    elif key == "pack_every":
-                        o.pack_every = int(value)
+                    elif key in RANGES:
+                        setattr(o, key, parse_number(key, value))
                     else:
                         raise ValueError(f"unknown mount option {key!r}")
                 except ValueError as exc:

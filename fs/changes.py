@@ -1,13 +1,21 @@
 """The Change record: the one unit of mutation, journaled, replayed and committed.
 
-A Change is fully deterministic: applying it to the same parent commit always
-produces the same commit id (same tree, author, time, message). Crash recovery relies
-on that to replay the journal.
+A Change handed to the store is an *intent*: "write this content to the file whose
+identity is F", "rename whatever is at A onto B", "delete F". The store resolves it
+against the state it owns (the newest head, including changes queued before it) into
+a *concrete* Change: explicit contents, attributes and operation (e.g. a write whose
+content equals a past version becomes a restore). Only concrete Changes are journaled
+and committed, so replay after a crash needs no resolution and is fully deterministic:
+the same parent commit and Change always give the same commit id.
+
+Everything a caller controls that reaches a commit, a log line or the commit index
+(its command name above all) goes through ``safe_text`` first.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 
 # Operations (what the commit message says happened).
@@ -19,17 +27,42 @@ RMDIR = "rmdir"          # agent deleted
 CHMOD = "chmod"          # mode change (agent dir or state file)
 CHOWN = "chown"          # owner/group change
 RESTORE = "restore"      # a state file got content equal to a past version (note = that commit)
-OPS = (WRITE, DELETE, RENAME, MKDIR, RMDIR, CHMOD, CHOWN, RESTORE)
+EXCHANGE = "exchange"    # RENAME_EXCHANGE of two state files (contents and metadata swap)
+OPS = (WRITE, DELETE, RENAME, MKDIR, RMDIR, CHMOD, CHOWN, RESTORE, EXCHANGE)
+
+ORPHAN = "orphan"        # store result: the write went to a file that no longer has a name
+
+_UNSAFE = re.compile(r"[^\x20-\x3b\x3d\x3f-\x7e\u00a0-\u2027\u202a-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+COMM_MAX = 64
+
+
+def safe_text(text: str, limit: int = 256) -> str:
+    """``text`` with every control character, ``<`` and ``>`` escaped as ``\\xNN``.
+
+    The result is one printable line: it cannot break a git identity (git refuses
+    ``<``/``>``/newline there), forge a log line or a commit trailer, or end a record.
+    """
+    out = _UNSAFE.sub(lambda m: "\\x%02x" % ord(m.group()) if ord(m.group()) < 256
+                      else "\\u%04x" % ord(m.group()), text)
+    return out if len(out) <= limit else out[:limit] + "..."
 
 
 @dataclass(frozen=True)
 class Who:
-    """The caller behind a change: recorded as git author and in the message."""
+    """The caller behind a change: recorded as git author and in the message.
+
+    ``comm`` is always stored escaped (``safe_text``), whatever the caller named itself.
+    """
 
     uid: int = 0
     gid: int = 0
     pid: int = 0
     comm: str = "?"
+
+    def __post_init__(self):
+        object.__setattr__(self, "comm", safe_text(str(self.comm), COMM_MAX) or "?")
+        for name in ("uid", "gid", "pid"):
+            object.__setattr__(self, name, int(getattr(self, name)))
 
     @classmethod
     def from_pid(cls, uid: int, gid: int, pid: int) -> "Who":
@@ -45,9 +78,11 @@ def command_name(pid: int) -> str:
         return "?"
     try:
         with open(f"/proc/{pid}/comm", "rb") as f:
-            return f.read().strip().decode("utf-8", "replace") or "?"
+            raw = f.read()
     except OSError:
         return "?"
+    # The kernel ends comm with one newline; anything else in it is the caller's.
+    return raw.removesuffix(b"\n").decode("utf-8", "replace") or "?"
 
 
 @dataclass
@@ -56,7 +91,14 @@ class Change:
 
     ``files`` maps a durable file name to its new content, or to None to remove it.
     ``attrs`` holds attribute updates: ``{"": {...}}`` for the agent directory itself
-    and ``{"config.json": {...}}`` for a file (keys: mode, uid, gid).
+    and ``{"config.json": {...}}`` for a file (keys: mode, uid, gid, fid, mtime_ns).
+
+    Intent-only fields, resolved by the store (``Store.resolve``):
+    ``fids`` names the file identity a write or delete is meant for (the inode the
+    caller opened; 0 = "a file I am creating"): if the name now holds another file,
+    the write went to an unlinked inode and is dropped, as on ext4. ``move`` is
+    ``(source, target)`` for RENAME/EXCHANGE: the store moves whatever content and
+    metadata the source has at that point. ``expect_version`` is compare-and-swap.
     """
 
     op: str
@@ -66,6 +108,11 @@ class Change:
     files: dict[str, bytes | None] = field(default_factory=dict)
     attrs: dict[str, dict] = field(default_factory=dict)
     note: str = ""  # free text appended to the message subject (e.g. "restore from 3f2a1c9")
+    fids: dict[str, int] = field(default_factory=dict)
+    move: tuple[str, str] | None = None
+    expect_version: dict[str, int] = field(default_factory=dict)
+    create: bool = False    # the caller created the file it writes (absent is fine)
+    replace: bool = False   # rename onto the name: the file gets identity fids[name]
 
     def header(self) -> dict:
         """JSON-able description; file bodies are carried separately."""
@@ -77,6 +124,7 @@ class Change:
             "files": {k: (None if v is None else len(v)) for k, v in sorted(self.files.items())},
             "attrs": self.attrs,
             "note": self.note,
+            "move": list(self.move) if self.move else None,
         }
 
     def body(self) -> bytes:
@@ -99,20 +147,25 @@ class Change:
                 files[name] = bytes(body[pos:pos + length])
                 pos += length
         return cls(op=h["op"], agent=h["agent"], who=Who(**h["who"]), time_ns=h["time_ns"],
-                   files=files, attrs=h.get("attrs") or {}, note=h.get("note", ""))
+                   files=files, attrs=h.get("attrs") or {}, note=h.get("note", ""),
+                   move=tuple(h["move"]) if h.get("move") else None)
 
     def subject(self) -> str:
         names = ", ".join(sorted(self.files)) or ", ".join(sorted(k for k in self.attrs if k)) or ""
         target = f"{self.agent}/{names}" if names else f"{self.agent}/"
-        if self.op == RENAME:
+        if self.op == RENAME and self.move:
+            target = f"{self.agent}/{self.move[0]} -> {self.move[1]}"
+        elif self.op == RENAME:
             src = [n for n, v in self.files.items() if v is None]
             dst = [n for n, v in self.files.items() if v is not None]
             target = f"{self.agent}/{src[0] if src else '?'} -> {dst[0] if dst else '?'}"
+        elif self.op == EXCHANGE and self.move:
+            target = f"{self.agent}/{self.move[0]} <-> {self.move[1]}"
         sizes = [len(v) for v in self.files.values() if v is not None]
         extra = f" ({sizes[0]} bytes)" if self.op in (WRITE, RESTORE) and len(sizes) == 1 else ""
         if self.op == RESTORE:
-            return f"restore {target} from {self.note}{extra}"
-        note = f", {self.note}" if self.note else ""
+            return f"restore {target} from {safe_text(self.note)}{extra}"
+        note = f", {safe_text(self.note)}" if self.note else ""
         return f"{self.op} {target}{extra}{note}"
 
     def message(self) -> str:

@@ -2,7 +2,9 @@
 
 fsck reads every object reachable from ``main`` once and recomputes its SHA-1, checks
 each agent's ``meta.json`` against its files (sizes, valid JSON), the checkpoint and
-the journal. It never modifies the repository.
+the journal, and runs ``git fsck --full --strict`` for the syntax of every object
+(malformed author lines, trees, tags) and the connectivity of every ref. It never
+modifies the repository.
 
 gc packs loose objects with ``git repack -d`` (packs fsynced) and prunes unreachable
 objects older than two weeks. It takes no ref locks, so it is safe while mounted.
@@ -13,17 +15,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 from dataclasses import dataclass, field
 
 import pygit2
-from pygit2.enums import ObjectType
+from pygit2.enums import ObjectType, Option
 
 from .journal import Journal
 from .names import DURABLE_FILES, META_FILE
 from .validate import check_json
 
 _TYPE = {ObjectType.COMMIT: b"commit", ObjectType.TREE: b"tree", ObjectType.BLOB: b"blob"}
+_HEX_ID = re.compile(rb"[0-9a-f]{40}")
 GIT_DURABLE = ["-c", "core.fsync=objects,derived-metadata", "-c", "core.fsyncMethod=fsync"]
 
 
@@ -54,31 +58,74 @@ def _verify(repo: pygit2.Repository, oid: pygit2.Oid, report: Report) -> tuple |
     return kind, data
 
 
+def _open(repo_dir: str) -> pygit2.Repository:
+    """Open for reading even when another user (the daemon's) owns the repository."""
+    validating = pygit2.option(Option.GET_OWNER_VALIDATION)
+    pygit2.option(Option.SET_OWNER_VALIDATION, 0)
+    try:
+        return pygit2.Repository(repo_dir)
+    finally:
+        pygit2.option(Option.SET_OWNER_VALIDATION, validating)
+
+
 def check(repo_dir: str) -> Report:
     report = Report()
     try:
-        repo = pygit2.Repository(repo_dir)
+        repo = _open(repo_dir)
     except (pygit2.GitError, KeyError) as exc:
         report.problems.append(f"not a git repository: {exc}")
         return report
+    _check_main(repo, repo_dir, report)
+    _check_git(repo_dir, report)
+    return report
+
+
+def _parse_commit(oid, kind, data: bytes) -> tuple[pygit2.Oid, list[pygit2.Oid]]:
+    """Tree and parents of a commit from its raw bytes (the rest is git fsck's job)."""
+    if kind != ObjectType.COMMIT:
+        raise ValueError(f"object {oid} is a {_TYPE.get(kind, b'?').decode()}, not a commit")
+    tree, parents = None, []
+    for line in data.split(b"\n\n", 1)[0].split(b"\n"):
+        key, _, value = line.partition(b" ")
+        if key not in (b"tree", b"parent"):
+            continue
+        if not _HEX_ID.fullmatch(value):
+            raise ValueError(f"commit {oid} is malformed: bad {key.decode()} line")
+        if key == b"tree" and tree is None:
+            tree = pygit2.Oid(hex=value.decode())
+        elif key == b"parent":
+            parents.append(pygit2.Oid(hex=value.decode()))
+    if tree is None:
+        raise ValueError(f"commit {oid} is malformed: no tree")
+    return tree, parents
+
+
+def _check_main(repo: pygit2.Repository, repo_dir: str, report: Report) -> None:
     try:
         ref = repo.references.get("refs/heads/main")
     except (pygit2.GitError, ValueError) as exc:
         report.problems.append(f"branch main unreadable: {exc}")
-        return report
+        return
     if ref is None:
-        return report  # empty repository
+        return  # empty repository
     seen: set = set()
     oid = ref.target
     chain = []
+    head_tree = None
     while oid is not None:
         got = _verify(repo, oid, report)
         if got is None:
             break
+        try:
+            tree_id, parents = _parse_commit(oid, *got)
+        except ValueError as exc:
+            report.problems.append(str(exc))
+            break
         report.commits += 1
-        commit = repo[oid]
         chain.append(str(oid))
-        stack = [commit.tree_id]
+        if head_tree is None:
+            head_tree = tree_id
+        stack = [tree_id]
         while stack:
             t = stack.pop()
             if t in seen:
@@ -86,16 +133,54 @@ def check(repo_dir: str) -> Report:
             seen.add(t)
             if _verify(repo, t, report) is None:
                 continue
-            for entry in repo[t]:
+            try:
+                entries = list(repo[t])
+            except (pygit2.GitError, ValueError, KeyError) as exc:
+                report.problems.append(f"tree {t} is unreadable: {exc}")
+                continue
+            for entry in entries:
                 if entry.type == ObjectType.TREE:
                     stack.append(entry.id)
                 elif entry.id not in seen:
                     seen.add(entry.id)
                     _verify(repo, entry.id, report)
-        oid = commit.parent_ids[0] if commit.parents else None
-    _check_agents(repo, repo[ref.target].tree if report.commits else None, report)
+        oid = parents[0] if parents else None
+    if head_tree is not None:
+        try:
+            _check_agents(repo, repo[head_tree], report)
+        except (pygit2.GitError, ValueError, KeyError) as exc:
+            report.problems.append(f"agent trees of main unreadable: {exc}")
     _check_journal(repo_dir, chain, report)
-    return report
+
+
+GIT_FSCK_MAX_LINES = 100
+
+
+def git_fsck_command(repo_dir: str) -> list[str]:
+    # safe.directory: the repository may belong to another user (the daemon's), and
+    # git would otherwise refuse to look at it ("dubious ownership").
+    return ["git", "-c", f"safe.directory={os.path.realpath(repo_dir)}", "-C", repo_dir,
+            "fsck", "--full", "--strict", "--no-dangling", "--no-progress"]
+
+
+def _check_git(repo_dir: str, report: Report) -> None:
+    """``git fsck --full --strict``: each line of a failed run becomes a problem."""
+    try:
+        r = subprocess.run(git_fsck_command(repo_dir), capture_output=True, text=True,
+                           errors="replace", stdin=subprocess.DEVNULL)
+    except OSError as exc:
+        report.problems.append(f"git fsck could not run: {exc}")
+        return
+    if r.returncode == 0:
+        return  # what it printed (notices, warnings) is not a failure under --strict
+    lines = [line.strip() for line in (r.stderr + "\n" + r.stdout).splitlines()]
+    lines = [line for line in lines if line and not line.startswith(("notice:", "dangling "))]
+    for line in lines[:GIT_FSCK_MAX_LINES]:
+        report.problems.append(f"git fsck: {line}")
+    if len(lines) > GIT_FSCK_MAX_LINES:
+        report.problems.append(f"git fsck: ... and {len(lines) - GIT_FSCK_MAX_LINES} more lines")
+    if not lines:
+        report.problems.append(f"git fsck --full --strict failed (exit {r.returncode})")
 
 
 def _check_agents(repo, root, report: Report) -> None:

@@ -16,6 +16,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import pygit2
+import xxhash
 from pygit2.enums import FileMode, ObjectType
 
 from . import changes as ch
@@ -40,6 +41,32 @@ class AgentView:
     def file_meta(self, name: str) -> dict | None:
         return self.meta.get("files", {}).get(name)
 
+    def fid(self, agent: str, name: str) -> int | None:
+        """The identity (inode number) of file ``name``, None when absent.
+
+        Files created since identities were introduced carry ``fid`` in their metadata
+        (assigned at creation, moved by rename); older ones answer with the number
+        derived from their path, as before.
+        """
+        if name not in self.files:
+            return None
+        fm = self.file_meta(name) or {}
+        return fm.get("fid") or legacy_fid(agent, name)
+
+    def version(self, name: str) -> int:
+        fm = self.file_meta(name)
+        return fm.get("version", 0) if fm and name in self.files else 0
+
+
+def hash_ino(text: str, salt: int = 0) -> int:
+    """A 63-bit inode number above the reserved range, from ``text``."""
+    ino = xxhash.xxh64_intdigest(text.encode(), seed=salt) & ((1 << 63) - 1)
+    return ino if ino > 1024 else ino + 1024
+
+
+def legacy_fid(agent: str, name: str) -> int:
+    return hash_ino("\0".join(("state", agent, name)))
+
 
 def _encode_meta(meta: dict) -> bytes:
     return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode() + b"\n"
@@ -47,7 +74,8 @@ def _encode_meta(meta: dict) -> bytes:
 
 def signature_for(who: ch.Who, time_ns: int) -> tuple[pygit2.Signature, pygit2.Signature]:
     secs = time_ns // 1_000_000_000
-    author = pygit2.Signature(f"{who.comm} (uid {who.uid}, pid {who.pid})",
+    # who.comm is escaped by Who itself (no newline, '<' or '>' can reach the header).
+    author = pygit2.Signature(f"{ch.safe_text(who.comm, ch.COMM_MAX)} (uid {who.uid}, pid {who.pid})",
                               f"uid-{who.uid}@agentstatefs", secs, 0)
     committer = pygit2.Signature(COMMITTER[0], COMMITTER[1], secs, 0)
     return author, committer
@@ -81,6 +109,7 @@ class GitStore:
         self._blob_cache_bytes = 0
         self._blob_cache_max = blob_cache_bytes
         self._agents: set[str] | None = None
+        self._agents_delta: dict = {}
         self.verify_writes = False  # recovery mode: read back every object written
         self._head: pygit2.Oid | None = None
         self._root: pygit2.Tree | None = None
@@ -119,6 +148,31 @@ class GitStore:
                     ref.delete()
             else:
                 self.repo.references.create(BRANCH, oid, force=True)
+
+    def rewind(self, oid: pygit2.Oid | None, agents) -> None:
+        """Move the in-memory head back to ``oid`` (a group that never became durable);
+        the ref on disk is not touched: it still names the last durable head."""
+        with self._lock:
+            self._head = oid
+            self._root = self.repo[oid].tree if oid is not None else None
+            for a in agents:
+                self._agent_cache.pop(a, None)
+            self._agents = None
+
+    def publish(self, oid: pygit2.Oid, views: dict) -> None:
+        """Reader side: make ``oid`` the head readers see, with the agents the writer
+        changed (``{agent: AgentView or None}``, immutable views shared with it)."""
+        root = self.repo[oid].tree
+        with self._lock:
+            self._head, self._root = oid, root
+            for agent, view in views.items():
+                self._cache_agent(agent, view)
+                if self._agents is not None:
+                    if view is None:
+                        self._agents.discard(agent)
+                    else:
+                        self._agents.add(agent)
+            self._agents_delta.update(views)
 
     # -- reading ----------------------------------------------------------------
     def write_ref(self, oid: pygit2.Oid) -> None:
@@ -197,11 +251,28 @@ class GitStore:
         return self.repo[commit_hex].tree
 
     def agents(self) -> set[str]:
-        """All agent ids at the head (built once by walking the fan-out, then kept up to date)."""
+        """All agent ids at the head (built once by walking the fan-out, then kept up to date).
+
+        The walk runs without the lock (it may take a while at 100,000 agents and may
+        run in a worker thread): changes published meanwhile are replayed onto it."""
+        with self._lock:
+            if self._agents is not None:
+                return self._agents
+            root = self._root
+            self._agents_delta = {}
+        found = set(self.iter_agents(root))
         with self._lock:
             if self._agents is None:
-                self._agents = set(self.iter_agents(self._root))
+                for agent, view in self._agents_delta.items():
+                    if view is None:
+                        found.discard(agent)
+                    else:
+                        found.add(agent)
+                self._agents = found
             return self._agents
+
+    def agents_loaded(self) -> bool:
+        return self._agents is not None
 
     def iter_agents(self, root: pygit2.Tree | None):
         if root is None:
@@ -337,6 +408,10 @@ class GitStore:
             author, committer = signature_for(change.who, change.time_ns)
             parents = [self._head] if self._head is not None else []
             oid = self.repo.create_commit(None, author, committer, change.message(), root, parents)
+            made = self.repo[oid]
+            if made.author.name != author.name or made.message != change.message():
+                # Never publish a commit git could not parse back exactly.
+                raise FsError(errno.EIO, f"commit {oid} does not read back as written; not published")
             if update_ref:
                 self.write_ref(oid)
             self._head = oid
@@ -364,17 +439,21 @@ class GitStore:
                 changed = True
                 continue
             oid = self._blob(data) if name not in files or pygit2.hash(data) != files[name] else files[name]
-            if files.get(name) == oid:
-                continue
             prev = fmeta.get(name) or {}
             attrs = change.attrs.get(name, {})
+            if files.get(name) == oid and all(prev.get(k) == v for k, v in attrs.items() if k != "mtime_ns"):
+                continue
             versions[name] = versions.get(name, 0) + 1
             fmeta[name] = {
                 "mode": attrs.get("mode", prev.get("mode", 0o644)),
                 "uid": attrs.get("uid", prev.get("uid", change.who.uid)),
                 "gid": attrs.get("gid", prev.get("gid", change.who.gid)),
-                "size": len(data), "mtime_ns": change.time_ns, "version": versions[name],
+                "size": len(data), "mtime_ns": attrs.get("mtime_ns", change.time_ns),
+                "version": versions[name],
             }
+            fid = attrs.get("fid", prev.get("fid"))
+            if fid:
+                fmeta[name]["fid"] = fid
             files[name] = oid
             changed = True
         if change.op in (ch.CHMOD, ch.CHOWN):

@@ -8,10 +8,20 @@ makes the git objects durable and then drops segments it covers.
 Record: magic ``ASJ1`` | u32 payload length | u64 sequence | u64 xxh64(payload) | payload.
 A torn or corrupt tail (crash mid-append) ends reading: those records were never
 acknowledged, because the acknowledgement waits for the fdatasync.
+
+A failed ``fdatasync`` is never retried (PostgreSQL's lesson of 2018: after a failed
+fsync the kernel may have dropped the dirty pages or marked them clean, and a later
+fsync "succeeds" without them, or with them). Instead the records appended since the
+last successful sync are cut off: the segment is truncated back to the last synced
+offset (ftruncate + fdatasync), closed, and later records go to a new segment that
+starts at the first refused sequence number, so numbering stays contiguous and the
+refused group can never become durable with a later group. If even the truncation
+fails, the journal refuses all further work (``failed``) until the daemon restarts.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import struct
@@ -39,8 +49,16 @@ class Journal:
         self.dir = directory
         os.makedirs(directory, exist_ok=True)
         self._fd: int | None = None
+        self._path: str | None = None      # the open segment
         self.next_seq = 1
         self.bytes_since_checkpoint = 0
+        # Offset in the open segment up to which everything is durable (last good sync).
+        self._synced_end = 0
+        # Sequence number of the first record appended since the last good sync (None: none).
+        self._unsynced_seq: int | None = None
+        # Why the journal refuses all work (None while usable); only a restart clears it.
+        self.failed: str | None = None
+        self._failed_after = ""
 
     def segments(self) -> list[tuple[int, str]]:
         out = []
@@ -80,19 +98,55 @@ class Journal:
         if expected is not None:
             self.next_seq = max(self.next_seq, expected)
 
+    def _check_usable(self) -> None:
+        if self.failed is not None:
+            raise OSError(errno.EIO, f"journal unusable after a failed {self._failed_after}: {self.failed}")
+
+    def _fail(self, after: str, reason: str) -> None:
+        """Refuse every later append/sync/rotation; the daemon must be restarted."""
+        self.failed = reason
+        self._failed_after = after
+        log.error("journal unusable after a failed %s: %s; every later commit fails with EIO "
+                  "until the daemon is restarted", after, reason)
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _start_segment(self, seq: int) -> None:
+        """Create segment ``seq`` and make its directory entry durable; only then write to it.
+
+        A segment of that name left behind (empty, or holding nothing synced) is replaced
+        atomically by a new file."""
+        path = os.path.join(self.dir, f"{seq:020d}.log")
+        tmp = path + ".new"  # not a segment name: ignored by segments()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            os.rename(tmp, path)
+            fsync_dir(self.dir)
+        except OSError:
+            os.close(fd)
+            raise
+        self._fd, self._path = fd, path
+        self._synced_end = 0
+        self._unsynced_seq = None
+
     def open_new_segment(self) -> None:
         """Start writing a fresh segment (its directory entry made durable first)."""
+        self._check_usable()
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)
-        path = os.path.join(self.dir, f"{self.next_seq:020d}.log")
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        fsync_dir(self.dir)
+        self._start_segment(self.next_seq)
 
     def append(self, payloads: list[bytes]) -> list[int]:
         """Append records (not yet durable; call ``sync``). Returns their sequence numbers."""
+        self._check_usable()
         if self._fd is None:
             self.open_new_segment()
+        first = self.next_seq
         seqs, parts = [], []
         for p in payloads:
             seq = self.next_seq
@@ -107,17 +161,72 @@ class Journal:
             while view:
                 n = os.write(self._fd, view)
                 view = view[n:]
-        except OSError:
+        except OSError as exc:
             # Leave no partial record behind (e.g. ENOSPC): later appends must stay readable.
-            os.ftruncate(self._fd, start)
-            self.next_seq = seqs[0]
+            self.next_seq = first
+            try:
+                os.ftruncate(self._fd, start)
+            except OSError as exc2:
+                # A partial record would hide every later (acknowledged) record from replay.
+                self._fail("write", f"appending to {self._path} failed ({exc}) and truncating "
+                                    f"it back to offset {start} failed too ({exc2})")
             raise
+        if self._unsynced_seq is None:
+            self._unsynced_seq = first
         self.bytes_since_checkpoint += len(buf)
         return seqs
 
     def sync(self) -> None:
-        if self._fd is not None:
+        """Make every appended record durable (one ``fdatasync``).
+
+        On failure the records appended since the last good sync are discarded for
+        good (see the module docstring) and the original OSError is re-raised: the
+        caller must fail every change of the group."""
+        self._check_usable()
+        if self._fd is None:
+            return
+        end = os.lseek(self._fd, 0, os.SEEK_END)
+        try:
             os.fdatasync(self._fd)
+        except OSError as exc:
+            self._discard_unsynced(exc, end)
+            raise
+        self._synced_end = end
+        self._unsynced_seq = None
+
+    def _discard_unsynced(self, exc: OSError, end: int) -> None:
+        """After a failed fdatasync: cut the segment back to the last good sync, durably,
+        and continue in a new segment starting at the first refused sequence number."""
+        fd, path, good = self._fd, self._path, self._synced_end
+        first = self._unsynced_seq if self._unsynced_seq is not None else self.next_seq
+        refused = self.next_seq - first
+        try:
+            os.ftruncate(fd, good)
+            os.fdatasync(fd)
+        except OSError as exc2:
+            self.next_seq = first
+            self._fail("fdatasync", f"fdatasync of {path} failed ({exc}) and truncating it back to "
+                                    f"the last synced offset {good} failed too ({exc2}); "
+                                    f"records {first}..{first + refused - 1} may still be on disk")
+            return
+        self.next_seq = first
+        self._unsynced_seq = None
+        self.bytes_since_checkpoint = max(0, self.bytes_since_checkpoint - (end - good))
+        self._fd = None
+        try:
+            os.close(fd)
+        except OSError:
+            pass  # the truncation is durable already
+        try:
+            self._start_segment(first)
+            opened = f"continuing in new segment {os.path.basename(self._path)}"
+        except OSError as exc3:
+            # Not fatal: nothing refused is left anywhere; the next append retries.
+            opened = f"a new segment could not be opened yet ({exc3})"
+        what = (f"discarded {refused} unsynced record(s) {first}..{first + refused - 1}" if refused
+                else "no unsynced records")
+        log.error("journal fdatasync of %s failed (%s): %s, truncated back to offset %d (durably); %s",
+                  os.path.basename(path), exc, what, good, opened)
 
     def drop_through(self, seq: int) -> None:
         """Delete segments whose records all have sequence numbers <= ``seq``."""

@@ -19,9 +19,11 @@ import logging
 import os
 import threading
 import time
+from dataclasses import dataclass
 
 import pygit2
 
+from . import changes as ch
 from .changes import Change
 from .errors import FsError, RepoError
 from .gitstore import GitStore
@@ -63,6 +65,15 @@ def _errno_of(exc: BaseException, path: str | None = None) -> int:
     return errno.EIO
 
 
+@dataclass
+class Group:
+    """What one committed group hands back to the publisher."""
+
+    results: list
+    head: pygit2.Oid | None
+    views: dict          # agent -> AgentView or None (deleted), as of ``head``
+
+
 class Store:
     """Open (and recover) a repository; commit groups of Changes durably."""
 
@@ -88,6 +99,18 @@ class Store:
         self.history = CommitIndex(self.git.repo, os.path.join(self.meta_dir, "history-index"),
                                    writable=not readonly)
         self.history.load(self.git.head)
+        self._reader: GitStore | None = None
+
+    @property
+    def reader(self) -> GitStore:
+        """The readers' view (trio thread): a second repository handle whose head moves
+        only when a durable group is published (``GitStore.publish``). The writer's
+        GitStore (``self.git``) belongs to the committer thread alone."""
+        if self._reader is None:
+            self._reader = GitStore(self.repo_dir, create=False)
+            self._reader._head = self.git.head
+            self._reader._root = self.git.repo[self.git.head].tree if self.git.head is not None else None
+        return self._reader
 
     # -- checkpoint file ---------------------------------------------------------
     def _read_checkpoint(self) -> dict | None:
@@ -155,21 +178,102 @@ class Store:
         self.checkpoint(force=True)
 
     # -- commit -----------------------------------------------------------------
-    def commit_batch(self, changes: list[Change]) -> list:
-        """Apply and durably journal ``changes`` in order.
+    def resolve(self, intent: Change) -> Change | str | None:
+        """Turn an intent into the concrete Change to commit, against the writer's head.
 
-        Returns one result per change: the new commit Oid, None (nothing changed), or
-        an FsError. Every Oid returned is durable when this returns.
+        Returns the Change, None when it would change nothing, or ``ORPHAN`` when a
+        write was meant for a file that no longer has a name (it was unlinked or
+        replaced after the caller opened it: its data goes nowhere, as on ext4).
+        Raises FsError when it does not apply (ENOENT, ESTALE for compare-and-swap).
+        Runs in the committer thread only: the writer's head is its alone.
+        """
+        c = intent
+        if c.op in (ch.MKDIR, ch.RMDIR, ch.CHMOD, ch.CHOWN, ch.DELETE):
+            return c
+        view = self.git.agent(c.agent)
+        if view is None:
+            raise FsError(errno.ENOENT, f"agent {c.agent} does not exist")
+        for name, want in c.expect_version.items():
+            have = view.version(name)
+            if have != want:
+                raise FsError(errno.ESTALE, f"{c.agent}/{name} is at version {have}, not {want}")
+        if c.op in (ch.RENAME, ch.EXCHANGE):
+            src, dst = c.move
+            if src not in view.files:
+                raise FsError(errno.ENOENT, f"{c.agent}/{src} does not exist")
+            if src == dst:
+                return None
+
+            def carried(name: str) -> dict:
+                fm = view.file_meta(name) or {}
+                out = {k: fm[k] for k in ("mode", "uid", "gid", "mtime_ns") if k in fm}
+                out["fid"] = view.fid(c.agent, name)
+                return out
+            if c.op == ch.RENAME:
+                files = {src: None, dst: self.git.read_blob(view.files[src])}
+                attrs = {dst: carried(src)}
+            else:
+                if dst not in view.files:
+                    raise FsError(errno.ENOENT, f"{c.agent}/{dst} does not exist")
+                files = {src: self.git.read_blob(view.files[dst]), dst: self.git.read_blob(view.files[src])}
+                attrs = {src: carried(dst), dst: carried(src)}
+            return Change(c.op, c.agent, c.who, c.time_ns, files=files, attrs=attrs, move=c.move)
+        if c.op not in (ch.WRITE, ch.RESTORE) or len(c.files) != 1:
+            return c
+        (name, data), = c.files.items()
+        if data is None:
+            return c
+        want = c.fids.get(name)
+        attrs = dict(c.attrs.get(name, {}))
+        if want is not None and not c.replace:
+            # A handle writes to the file it opened, wherever that file is now named.
+            holder = next((n for n in view.files if view.fid(c.agent, n) == want), None)
+            if holder is None:
+                if not c.create or name in view.files:
+                    return ch.ORPHAN     # unlinked, or the name now holds another file
+                attrs["fid"] = want
+            else:
+                name = holder
+                attrs.pop("mode", None), attrs.pop("uid", None), attrs.pop("gid", None)
+        elif want is not None:
+            attrs["fid"] = want
+        op, note = c.op, c.note
+        blob = str(pygit2.hash(data))
+        if name in view.files and str(view.files[name]) == blob and not attrs:
+            return None
+        if op == ch.WRITE and (name not in view.files or str(view.files[name]) != blob):
+            past = self.history.past_version(c.agent, name, blob)
+            if past is not None:
+                op, note = ch.RESTORE, past.commit[:7]
+        return Change(op, c.agent, c.who, c.time_ns, files={name: data},
+                      attrs={name: attrs} if attrs else {}, note=note)
+
+    def commit_batch(self, changes: list[Change]) -> list:
+        """Resolve, apply and durably journal ``changes`` in order (see ``commit_group``)."""
+        return self.commit_group(changes).results
+
+    def commit_group(self, changes: list[Change]) -> "Group":
+        """Resolve, apply and durably journal ``changes`` in order, as one group.
+
+        Returns a Group: one result per change (the new commit Oid, None when nothing
+        changed, ``ORPHAN``, or an FsError), the new head and the agents it changed.
+        Every Oid returned is durable when this returns; on a journal failure nothing
+        of the group is (the in-memory head goes back, the ref on disk never moved).
         """
         if self.readonly or self.journal is None:
-            return [FsError(errno.EROFS, "mounted read-only") for _ in changes]
+            return Group([FsError(errno.EROFS, "mounted read-only") for _ in changes], self.git.head, {})
         with self._commit_lock:
             head0 = self.git.head
             results: list = []
             payloads: list[bytes] = []
             made: list[tuple] = []   # (commit oid, change, {file: blob hex}) for the history index
-            for change in changes:
+            views: dict = {}
+            for intent in changes:
                 try:
+                    change = self.resolve(intent)
+                    if change is None or change == ch.ORPHAN:
+                        results.append(change)
+                        continue
                     oid = self.git.apply(change, update_ref=False)
                 except FsError as exc:
                     results.append(exc)
@@ -182,33 +286,35 @@ class Store:
                 if oid is not None:
                     payloads.append(change.encode())
                     view = self.git.agent(change.agent)
+                    views[change.agent] = view
                     files = {n: (str(view.files[n]) if view is not None and n in view.files else "-")
                              for n in change.files}
                     made.append((oid, change, files))
-            if payloads:
-                try:
-                    self.git.write_ref(self.git.head)  # once per group, before the journal sync
-                    self.journal.append(payloads)
-                    self.journal.sync()
-                except (OSError, pygit2.GitError) as exc:
-                    # Nothing of this group is durable: forget it entirely.
-                    log.error("journal write failed (%s); group of %d change(s) rolled back", exc, len(payloads))
-                    try:
-                        self.git.reset_head(head0)
-                    except (pygit2.GitError, OSError) as exc2:
-                        # In memory the head is back; the ref is rewritten by the next commit
-                        # (or by recovery, which always starts from the checkpoint).
-                        log.error("could not rewind branch main on disk yet: %s", exc2)
-                    e = _errno_of(exc, self.repo_dir)
-                    err = FsError(e, f"journal write failed: {os.strerror(e)} ({exc})")
-                    results = [err if not isinstance(r, FsError) else r for r in results]
-                    return results
-                self.commits += len(payloads)
-                self.groups += 1
-                for oid, change, files in made:
-                    self.history.append(self.git.repo[oid], change.agent, change.op, files)
-                self.history.flush()
-            return results
+            if not payloads:
+                return Group(results, self.git.head, {})
+            try:
+                self.journal.append(payloads)
+                self.journal.sync()
+            except OSError as exc:
+                # Nothing of this group is durable, and the journal guarantees it never
+                # will be: forget it entirely. The ref on disk was not moved.
+                log.error("journal write failed (%s); group of %d change(s) refused", exc, len(payloads))
+                self.git.rewind(head0, views)
+                e = _errno_of(exc, self.repo_dir)
+                err = FsError(e, f"journal write failed: {os.strerror(e)} ({exc})")
+                results = [err if not isinstance(r, FsError) and r is not None and r != ch.ORPHAN else r
+                           for r in results]
+                return Group(results, head0, {})
+            try:
+                self.git.write_ref(self.git.head)  # once per group; recovery never trusts it anyway
+            except (OSError, pygit2.GitError) as exc:
+                log.error("could not update branch main on disk (%s); the next group or checkpoint will", exc)
+            self.commits += len(payloads)
+            self.groups += 1
+            for oid, change, files in made:
+                self.history.append(self.git.repo[oid], change.agent, change.op, files)
+            self.history.flush()
+            return Group(results, self.git.head, views)
 
     # -- checkpoint ---------------------------------------------------------------
     def checkpoint(self, force: bool = False) -> bool:
@@ -225,6 +331,8 @@ class Store:
                     return False
                 self.journal.open_new_segment()
                 self.journal.bytes_since_checkpoint = 0
+                if head is not None:
+                    self.git.write_ref(head)
             syncfs(self.repo_dir)
             self._write_checkpoint(head, seq)
             self.journal.drop_through(seq)

@@ -23,10 +23,10 @@ import bisect
 import errno
 import stat
 
-from ..fs.errors import FsError
-from ..fs.gitstore import AgentView
-from ..fs.history import iso
-from ..fs.names import DURABLE_FILES
+from .errors import FsError
+from .gitstore import AgentView
+from .history import iso
+from .names import DURABLE_FILES
 
 IMMUTABLE = 3600.0
 LIVE = 1.0
@@ -36,7 +36,7 @@ RUNTIME_DIR = "runtime"
 class HistoryView:
     def __init__(self, store, inodes, runtime, entry_factory, root_owner):
         self.store = store
-        self.git = store.git
+        self.git = store.reader
         self.index = store.history
         self.inodes = inodes
         self.runtime = runtime

@@ -1,9 +1,12 @@
-"""State manager: group commit of Changes, checkpoints, draining on shutdown.
+"""State manager: the one owner of the head. Group commit, publishing, checkpoints.
 
-Handlers hand a Change to ``commit()`` and wait. One committer task takes everything
-pending at that moment and commits it as one group (one journal fdatasync) in a
-worker thread, so throughput rises with concurrency while every close still returns
-only once its own version is durable.
+Handlers hand an intent (a Change) to ``commit()`` and wait. One committer task takes
+everything pending at that moment and hands it to a worker thread, which resolves and
+commits it as one group on the writer's head (one journal fdatasync). Back on the trio
+thread, the committer *publishes* the group (``on_publish``: the readers' head, inode
+numbers, kernel invalidations) and only then wakes the waiting handlers, so a handler
+that returns from ``commit()`` sees its own change, and no reader ever sees a change
+that is not durable. No lock is ever taken on the trio thread.
 """
 
 from __future__ import annotations
@@ -14,9 +17,9 @@ import time
 
 import trio
 
-from ..fs.changes import Change
-from ..fs.errors import FsError
-from ..fs.store import Store
+from .changes import Change
+from .errors import FsError
+from .store import Group, Store
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,7 @@ class StateManager:
         self.in_flight = 0          # FUSE handlers currently running
         self.commit_latency_ns: list[int] = []
         self.packs = 0
+        self.on_publish = lambda group: None   # set by the namespace
 
     async def commit(self, change: Change):
         """Commit ``change`` durably; returns the commit Oid or None (no change)."""
@@ -67,11 +71,18 @@ class StateManager:
             batch, self._pending = self._pending, []
             t0 = time.monotonic_ns()
             try:
-                results = await trio.to_thread.run_sync(
-                    self.store.commit_batch, [s.change for s in batch])
+                group = await trio.to_thread.run_sync(
+                    self.store.commit_group, [s.change for s in batch])
             except Exception:
                 log.exception("commit of a group of %d change(s) failed", len(batch))
-                results = [FsError(errno.EIO, "internal error while committing")] * len(batch)
+                group = Group([FsError(errno.EIO, "internal error while committing")] * len(batch),
+                              None, {})
+            results = group.results
+            if group.views:
+                try:
+                    self.on_publish(group)
+                except Exception:
+                    log.exception("publishing a group of %d change(s) failed", len(batch))
             dt = time.monotonic_ns() - t0
             self.commit_latency_ns.append(dt)
             if len(self.commit_latency_ns) > 4096:
@@ -99,7 +110,7 @@ class StateManager:
 
         Writers never wait for it: new loose objects keep being written while it runs
         and only objects already in the new pack are deleted."""
-        from ..fs.fsck import repack_command
+        from .fsck import repack_command
         packed_at = self.store.commits
         while True:
             await trio.sleep(poll)

@@ -1,0 +1,1131 @@
+"""The namespace: every path of the mount and what each operation does to it, without FUSE.
+
+Typed nodes, named by inode keys (see inodes.py): the root, agent directories, state
+files (durable config/memory, RAM-only runtime.json), scratch nodes and the read-only
+history views (historyview.py). Each operation takes a ``Caller`` and plain values
+and returns plain ``Attr`` records; ``daemon/operations.py`` only translates to and
+from pyfuse3. Tests drive this class in-process, with trio interleavings.
+
+Ownership rules (docs/architecture.md):
+- The trio thread owns this object: handles, scratch, runtime, pending creations, the
+  inode table and the readers' head. Nothing here takes a lock.
+- The committer thread owns the writer's head. Durable changes reach it only as
+  intents through ``StateManager.commit``; it resolves them (by file identity, not by
+  name) and hands back a durable group that ``publish`` applies here before any
+  waiting handler resumes.
+- Every ``await`` is a point where any other request may run: state read before an
+  ``await`` is re-checked after it (a node may have been unlinked, renamed or
+  replaced meanwhile). Each such place says so in a comment ("re-check").
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+from . import changes as ch
+from .changes import Change, Who
+from .errors import FsError
+from .handles import Handle
+from .history import iso as history_iso
+from .historyview import HistoryView
+from .inodes import ROOT, InodeTable
+from .names import (DURABLE_FILES, HISTORY_DIR, RUNTIME_FILE, check_agent_id, is_durable,
+                    is_reserved, is_state)
+from .runtime import RuntimeLayer
+from .scratch import ScratchNode, ScratchSpace, new_ino
+from .validate import check_json, check_size
+
+log = logging.getLogger("agentstatefs")
+
+LIVE_TIMEOUT = 1.0
+OFFLOAD_BYTES = 64 << 10     # validate/read larger contents in a worker thread
+XATTR_NAME_MAX = 255
+XATTR_VALUE_MAX = 65536
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
+
+
+@dataclass
+class Caller:
+    """Who is asking: from the FUSE request context (or a test)."""
+
+    uid: int = 0
+    gid: int = 0
+    pid: int = 0
+    umask: int = 0o022
+
+    def who(self) -> Who:
+        return Who.from_pid(self.uid, self.gid, self.pid)
+
+
+@dataclass(eq=False)
+class Attr:
+    """What stat shows, plus how long the kernel may cache it."""
+
+    ino: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int | None = None
+    atime_ns: int | None = None
+    timeout: float = LIVE_TIMEOUT
+    entry_timeout: float | None = None
+    generation: int = 0
+
+
+@dataclass
+class PendingFile:
+    """A state file created by an open handle and not yet committed (or written)."""
+
+    fid: int
+    mode: int
+    uid: int
+    gid: int
+    time_ns: int
+    creators: int = 0
+
+
+class Kernel:
+    """Notifications to the kernel's caches; the FUSE adapter supplies the real ones."""
+
+    def invalidate_attr(self, ino: int) -> None:
+        pass
+
+    def invalidate_entry(self, parent: int, name: str) -> None:
+        pass
+
+
+@dataclass
+class _Dir:
+    count: int
+    item: object          # i -> (name, key or ino)
+    keys: bool = False    # items carry keys (history) rather than inode numbers
+
+
+@dataclass
+class _Shared:
+    data: bytes
+    refs: int = 0
+
+
+class Namespace:
+    def __init__(self, store, statemgr, options, kernel: Kernel | None = None,
+                 root_owner: tuple[int, int] | None = None):
+        self.store = store
+        self.git = store.reader
+        self.sm = statemgr
+        self.opts = options
+        self.kernel = kernel or Kernel()
+        self.inodes = InodeTable()
+        self.runtime = RuntimeLayer(options.runtime_versions)
+        self.scratch = ScratchSpace(options.scratch_max)
+        self.buffer_max = getattr(options, "buffer_max", 256 << 20)
+        self.buffer_bytes = 0
+        self.agent_scratch: dict[str, ScratchNode] = {}
+        self.pending: dict[tuple[str, str], PendingFile] = {}
+        self.handles: dict[int, Handle] = {}
+        self.by_ino: dict[int, set[Handle]] = {}
+        self.dirs: dict[int, _Dir] = {}
+        self.shared: dict[object, _Shared] = {}
+        self._next_fh = 0
+        self._write_clock = 0
+        self.mount_ns = time.time_ns()
+        self.uid, self.gid = root_owner or (os.getuid(), os.getgid())
+        self.history = HistoryView(store, self.inodes, self.runtime, self._hist_entry, (self.uid, self.gid))
+        statemgr.on_publish = self.publish
+
+    # -- publishing (committer -> readers) ----------------------------------------------
+    def publish(self, group) -> None:
+        """Make a durable group visible: readers' head, inode numbers, kernel caches.
+
+        Runs on the trio thread before any handler waiting for this group resumes."""
+        before = {}
+        for agent in group.views:
+            for name in DURABLE_FILES:
+                ino = self.inodes.peek(("state", agent, name))
+                if ino is not None:
+                    before[ino] = self._orphan_attr(ino, False)
+        self.git.publish(group.head, group.views)
+        for agent, view in group.views.items():
+            self._rebind_agent(agent, view, before)
+            ino = self.inodes.peek(("agent", agent))
+            if view is None:
+                if ino is not None:
+                    self.inodes.retire(ino, ("orphan", self._orphan_attr(ino, True)))
+                    self.kernel.invalidate_entry(ROOT, agent)
+                s = self.agent_scratch.pop(agent, None)
+                if s is not None:
+                    self.scratch.release_tree(s)
+            elif ino is not None:
+                self.kernel.invalidate_attr(ino)
+
+    def _rebind_agent(self, agent: str, view, before: dict) -> None:
+        """Point the agent's state-file names at the files the new head has there.
+
+        A file keeps its number wherever it moved (rename); a number whose file lost
+        its name becomes an orphan, and handles on it write nowhere from now on."""
+        new = {n: (view.fid(agent, n) if view is not None else None) for n in DURABLE_FILES}
+        old = {n: self.inodes.peek(("state", agent, n)) for n in DURABLE_FILES}
+        moved = set()
+        for name, fid in new.items():
+            if fid is not None and old[name] != fid and (self.inodes.has(fid) or fid in self.by_ino):
+                self.inodes.bind(fid, ("state", agent, name))
+                for h in self.by_ino.get(fid, ()):
+                    h.agent, h.name, h.orphan = agent, name, False
+                moved.add(fid)
+        for name, cur in old.items():
+            if cur is not None and cur != new[name] and cur not in moved:
+                for h in self.by_ino.get(cur, ()):
+                    if h.kind == "state":
+                        h.orphan = True
+                self.inodes.retire(cur, ("orphan", before.get(cur) or self._orphan_attr(cur, False)))
+        agent_ino = self.inodes.peek(("agent", agent))
+        for name in DURABLE_FILES:
+            if old[name] != new[name] and agent_ino is not None:
+                self.kernel.invalidate_entry(agent_ino, name)
+            if new[name] is not None:
+                self.kernel.invalidate_attr(new[name])
+
+    def _orphan_attr(self, ino: int, is_dir: bool) -> Attr:
+        try:
+            a = self._attr(ino)
+        except FsError:
+            a = Attr(ino, (stat.S_IFDIR | 0o755) if is_dir else (stat.S_IFREG | 0o644), 1, 0, 0, 0, 0)
+        a.nlink = 0
+        return a
+
+    # -- helpers --------------------------------------------------------------------------
+    def _fh(self) -> int:
+        self._next_fh += 1
+        return self._next_fh
+
+    def _agent_view(self, agent: str):
+        view = self.git.agent(agent)
+        if view is None:
+            raise FsError(errno.ENOENT, f"agent {agent} does not exist")
+        return view
+
+    def _scratch_dir(self, agent: str) -> ScratchNode:
+        node = self.agent_scratch.get(agent)
+        if node is None:
+            node = self.agent_scratch[agent] = self.scratch.new_node(0, stat.S_IFDIR | 0o755, 0, 0)
+        return node
+
+    def _state_ino(self, agent: str, name: str) -> int | None:
+        """The inode number the name ``agent/name`` means now (registered), or None."""
+        key = ("state", agent, name)
+        if name == RUNTIME_FILE:
+            if self.runtime.get(agent) is None and (agent, name) not in self.pending:
+                return None
+            return self.inodes.stable(key)
+        p = self.pending.get((agent, name))
+        view = self.git.agent(agent)
+        fid = view.fid(agent, name) if view is not None else None
+        if fid is None and p is not None:
+            fid = p.fid
+        if fid is None:
+            return None
+        if self.inodes.peek(key) != fid:
+            self.inodes.bind(fid, key)
+        return fid
+
+    def _exists_state(self, agent: str, name: str) -> bool:
+        if (agent, name) in self.pending:
+            return True
+        if name == RUNTIME_FILE:
+            return self.runtime.get(agent) is not None
+        view = self.git.agent(agent)
+        return view is not None and name in view.files
+
+    def _hist_entry(self, ino, mode, nlink, uid, gid, size, mtime_ns, ctime_ns=None, timeout=LIVE_TIMEOUT):
+        return Attr(ino, mode, nlink, uid, gid, size, mtime_ns, ctime_ns, timeout=timeout)
+
+    def _writer_size(self, ino: int) -> int | None:
+        """Size of the newest write buffer on ``ino``: the writer's view of st_size (so
+        ftruncate/append offsets computed by the kernel match its buffer, as on ext4)."""
+        best, size = -1, None
+        for h in self.by_ino.get(ino, ()):
+            if h.buffer is not None and h.dirty and h.gen and h.last_write > best:
+                best, size = h.last_write, len(h.buffer)
+        return size
+
+    def _attr(self, ino: int) -> Attr:
+        key = self.inodes.key(ino)
+        kind = key[0]
+        gen = self.inodes.generation(ino)
+        if kind.startswith("hist-"):
+            return self.history.attr(ino, key)
+        if kind == "orphan":
+            if key[1] is None:
+                raise FsError(errno.ENOENT, "file was removed")
+            return key[1]
+        if kind == "root":
+            return Attr(ROOT, stat.S_IFDIR | 0o755, 2, self.uid, self.gid, 0, self.mount_ns)
+        if kind == "agent":
+            m = self._agent_view(key[1]).meta
+            mtime = max([f.get("mtime_ns", 0) for f in m.get("files", {}).values()] + [m.get("created_ns", 0)])
+            return Attr(ino, stat.S_IFDIR | m.get("mode", 0o755), 2, m.get("uid", 0), m.get("gid", 0), 0,
+                        mtime, generation=gen)
+        if kind == "state":
+            agent, name = key[1], key[2]
+            a = None
+            if name == RUNTIME_FILE:
+                rf = self.runtime.get(agent)
+                if rf is not None:
+                    v = rf.current
+                    a = Attr(ino, stat.S_IFREG | rf.mode, 1, rf.uid, rf.gid, len(v.data), v.time_ns)
+            else:
+                view = self.git.agent(agent)
+                fm = view.file_meta(name) if view is not None and name in view.files else None
+                if fm is not None:
+                    a = Attr(ino, stat.S_IFREG | fm["mode"], 1, fm["uid"], fm["gid"], fm["size"], fm["mtime_ns"])
+            if a is None:
+                p = self.pending.get((agent, name))
+                if p is None:
+                    raise FsError(errno.ENOENT, f"{agent}/{name} does not exist")
+                a = Attr(ino, stat.S_IFREG | p.mode, 1, p.uid, p.gid, 0, p.time_ns)
+            size = self._writer_size(ino)
+            if size is not None:
+                a.size = size
+            a.generation = gen
+            return a
+        if kind == "scratch":
+            n: ScratchNode = key[1]
+            return Attr(ino, n.mode, n.nlink, n.uid, n.gid, len(n.data), n.mtime_ns, n.ctime_ns, n.atime_ns,
+                        generation=gen)
+        raise FsError(errno.ENOENT, f"unknown inode {ino}")
+
+    def _listing_attr(self, ino: int) -> Attr:
+        """Attributes for readdir. An agent not in the cache is not loaded just to be
+        listed (``ls`` of 100,000 agents): it gets directory attributes the kernel must
+        not cache (timeouts 0), so ``stat``/``ls -l`` still ask getattr for the truth."""
+        key = self.inodes.key(ino)
+        if key[0] == "agent" and self.git.cached_agent(key[1]) is None:
+            return Attr(ino, stat.S_IFDIR | 0o755, 2, 0, 0, 0, self.mount_ns, timeout=0)
+        return self._attr(ino)
+
+    def _child(self, parent: int, name: str) -> tuple[int, float | None]:
+        """Inode of ``name`` in directory ``parent`` (registered, lookup count untouched)
+        and the entry timeout to use when it differs from the inode's attribute timeout."""
+        key = self.inodes.key(parent)
+        kind = key[0]
+        if kind.startswith("hist-"):
+            return self.history.child(key, name)
+        if name == HISTORY_DIR and kind in ("root", "agent"):
+            if kind == "agent":
+                self._agent_view(key[1])
+            return self.inodes.stable(("hist-root", key[1] if kind == "agent" else "")), None
+        if kind == "root":
+            if is_reserved(name) or self.git.agent(name) is None:
+                raise FsError(errno.ENOENT, f"agent {name} does not exist")
+            return self.inodes.stable(("agent", name)), None
+        if kind == "agent":
+            agent = key[1]
+            self._agent_view(agent)
+            if is_state(name):
+                ino = self._state_ino(agent, name)
+                if ino is None:
+                    raise FsError(errno.ENOENT, f"{agent}/{name} does not exist")
+                return ino, None
+            node = self._scratch_dir(agent).children.get(name)
+        elif kind == "scratch" and key[1].is_dir:
+            node = key[1].children.get(name)
+        else:
+            raise FsError(errno.ENOTDIR, "not a directory")
+        if node is None:
+            raise FsError(errno.ENOENT, f"{name} does not exist")
+        self.inodes.bind(node.ino, ("scratch", node))
+        return node.ino, None
+
+    def _parent_dir(self, parent: int) -> tuple[str, str | None, ScratchNode | None]:
+        """Classify a parent directory: ("root"|"agent"|"scratch", agent, scratch dir node)."""
+        key = self.inodes.key(parent)
+        if key[0].startswith("hist-"):
+            raise FsError(errno.EROFS, "history is read-only")
+        if key[0] == "root":
+            return "root", None, None
+        if key[0] == "agent":
+            self._agent_view(key[1])
+            return "agent", key[1], self._scratch_dir(key[1])
+        if key[0] == "scratch" and key[1].is_dir:
+            if key[1].nlink == 0:
+                raise FsError(errno.ENOENT, "directory was removed")
+            return "scratch", None, key[1]
+        if key[0] == "orphan":
+            raise FsError(errno.ENOENT, "directory was removed")
+        raise FsError(errno.ENOTDIR, "not a directory")
+
+    async def _commit(self, change: Change):
+        return await self.sm.commit(change)
+
+    async def _validate(self, agent: str, name: str, data: bytes) -> None:
+        check_size(len(data), self.opts.max_size)
+        try:
+            if len(data) > OFFLOAD_BYTES:
+                await trio.to_thread.run_sync(check_json, data)
+            else:
+                check_json(data)
+        except FsError as exc:
+            raise FsError(exc.errno, f"{agent}/{name}: {exc.reason}") from None
+
+    async def _save(self, agent: str, name: str, data: bytes, who: Who, *, attrs: dict | None = None,
+                    fid: int | None = None, create: bool = False, replace: bool = False,
+                    rtfile=None):
+        """Validate and store new content of a state file (durable: an intent for the
+        committer; runtime: RAM). Returns the store's result (ORPHAN: went nowhere)."""
+        await self._validate(agent, name, data)
+        # re-check: the agent may have been removed while we validated.
+        self._agent_view(agent)
+        if name == RUNTIME_FILE:
+            cur = self.runtime.get(agent)
+            if rtfile is not None and cur is not rtfile:
+                return ch.ORPHAN       # runtime.json was removed after this handle opened it
+            mode = (attrs or {}).get("mode", 0o644)
+            self.runtime.put(agent, data, who, time.time_ns(), mode=mode)
+            ino = self.inodes.stable(("state", agent, name))
+            self.kernel.invalidate_attr(ino)
+            return None
+        change = Change(ch.WRITE, agent, who, time.time_ns(), files={name: data},
+                        attrs={name: attrs} if attrs else {},
+                        fids={name: fid} if fid is not None else {}, create=create, replace=replace)
+        return await self._commit(change)
+
+    # -- shared version bytes and write buffers ----------------------------------------------
+    async def _acquire(self, agent: str, name: str) -> tuple[bytes, object, object]:
+        """Current content of a state file for a new handle: (bytes, blob id, runtime file).
+
+        Readers of one durable version share one bytes object."""
+        if name == RUNTIME_FILE:
+            rf = self.runtime.get(agent)
+            if rf is not None:
+                return rf.current.data, None, rf
+            if (agent, name) in self.pending:
+                return b"", None, None
+            raise FsError(errno.ENOENT, f"{agent}/{name} does not exist")
+        view = self.git.agent(agent)
+        if view is None or name not in view.files:
+            if (agent, name) in self.pending:
+                return b"", None, None
+            raise FsError(errno.ENOENT, f"{agent}/{name} does not exist")
+        oid = view.files[name]
+        s = self.shared.get(oid)
+        if s is None:
+            fm = view.file_meta(name) or {}
+            if fm.get("size", 0) > OFFLOAD_BYTES:
+                data = await trio.to_thread.run_sync(self.git.read_blob, oid)
+            else:
+                data = self.git.read_blob(oid)
+            s = self.shared.get(oid)       # re-check: another open may have read it meanwhile
+            if s is None:
+                s = self.shared[oid] = _Shared(data)
+        s.refs += 1
+        return s.data, oid, None
+
+    def _unshare(self, oid) -> None:
+        s = self.shared.get(oid)
+        if s is not None:
+            s.refs -= 1
+            if s.refs <= 0:
+                del self.shared[oid]
+
+    def _grow_buffer(self, h: Handle, new_len: int) -> None:
+        old = len(h.buffer) if h.buffer is not None else 0
+        grow = new_len - old
+        if grow > 0 and self.buffer_bytes + grow > self.buffer_max:
+            raise FsError(errno.ENOSPC, f"{h.agent}/{h.name}: write buffers of open files are full "
+                                        f"({self.buffer_bytes} of {self.buffer_max} bytes)")
+        self.buffer_bytes += grow
+
+    def _ensure_buffer(self, h: Handle) -> bytearray:
+        if h.buffer is None:
+            self._grow_buffer(h, len(h.snapshot))
+            h.buffer = bytearray(h.snapshot)
+        return h.buffer
+
+    def _drop_buffer(self, h: Handle) -> None:
+        if h.buffer is not None:
+            self.buffer_bytes -= len(h.buffer)
+            h.buffer = None
+        h.dirty = False
+
+    def _touch(self, h: Handle) -> None:
+        self._write_clock += 1
+        h.gen += 1
+        h.last_write = self._write_clock
+        h.dirty = True
+
+    def _add_handle(self, h: Handle) -> None:
+        self.handles[h.fh] = h
+        self.by_ino.setdefault(h.ino, set()).add(h)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def forget(self, inode_list) -> None:
+        for ino, n in inode_list:
+            self.inodes.forget(ino, n, keep=lambda i: bool(self.by_ino.get(i)))
+
+    def remember(self, ino: int) -> None:
+        self.inodes.remember(ino)
+
+    # -- lookup & attributes -----------------------------------------------------------------
+    async def lookup(self, parent: int, name: str, caller: Caller) -> Attr:
+        ino, entry_timeout = self._child(parent, name)
+        attr = self._attr(ino)
+        if entry_timeout is not None:
+            attr.entry_timeout = entry_timeout
+        self.inodes.remember(ino)
+        return attr
+
+    async def getattr(self, ino: int, caller: Caller) -> Attr:
+        return self._attr(ino)
+
+    async def setattr(self, ino: int, caller: Caller, *, size=None, mode=None, uid=None, gid=None,
+                      atime_ns=None, mtime_ns=None, fh=None) -> Attr:
+        key = self.inodes.key(ino)
+        kind = key[0]
+        if kind.startswith("hist-"):
+            raise FsError(errno.EROFS, "history is read-only")
+        if kind == "orphan":
+            h = self.handles.get(fh) if fh else None
+            if h is None:
+                raise FsError(errno.ENOENT, "file was removed")
+            if size is not None and h.kind in ("state", "runtime") and h.writable:
+                self._truncate_handle(h, size)
+            return self._attr(ino)
+        if kind == "root":
+            if size is not None:
+                raise FsError(errno.EISDIR, "is a directory")
+            cur = self._attr(ino)
+            if (mode is not None and stat.S_IMODE(mode) != stat.S_IMODE(cur.mode)) \
+                    or (uid is not None and uid != cur.uid) or (gid is not None and gid != cur.gid):
+                raise FsError(errno.EPERM, "the mount root's attributes are fixed")
+            return cur
+        if kind == "scratch":
+            node: ScratchNode = key[1]
+            if size is not None:
+                if node.is_dir:
+                    raise FsError(errno.EISDIR, "is a directory")
+                self.scratch.resize(node, size)
+            if mode is not None:
+                node.mode = stat.S_IFMT(node.mode) | stat.S_IMODE(mode)
+            if uid is not None:
+                node.uid = uid
+            if gid is not None:
+                node.gid = gid
+            if atime_ns is not None:
+                node.atime_ns = atime_ns
+            if mtime_ns is not None:
+                node.mtime_ns = mtime_ns
+            node.ctime_ns = time.time_ns()
+            return self._attr(ino)
+        upd = {k: v for k, v in (("mode", None if mode is None else stat.S_IMODE(mode)),
+                                 ("uid", uid), ("gid", gid)) if v is not None}
+        if kind == "agent":
+            if size is not None:
+                raise FsError(errno.EISDIR, "is a directory")
+            if upd:
+                op = ch.CHOWN if ("uid" in upd or "gid" in upd) else ch.CHMOD
+                await self._commit(Change(op, key[1], caller.who(), time.time_ns(), attrs={"": upd}))
+            return self._attr(ino)
+        agent, name = key[1], key[2]
+        if size is not None:
+            check_size(size, self.opts.max_size)       # before anything is allocated
+            h = self.handles.get(fh) if fh else None
+            if h is not None and h.kind in ("state", "runtime") and h.writable and h.ino == ino:
+                self._truncate_handle(h, size)
+            else:
+                data, oid, rf = await self._acquire(agent, name)
+                try:
+                    new = data[:size] + bytes(max(0, size - len(data)))
+                    if new != data:
+                        await self._save(agent, name, new, caller.who(), fid=ino if is_durable(name) else None,
+                                         rtfile=rf)
+                finally:
+                    if oid is not None:
+                        self._unshare(oid)
+        if upd:
+            p = self.pending.get((agent, name))
+            if p is not None and p.fid == ino and not self._committed(agent, name):
+                p.mode, p.uid, p.gid = upd.get("mode", p.mode), upd.get("uid", p.uid), upd.get("gid", p.gid)
+            elif name == RUNTIME_FILE:
+                rf = self.runtime.get(agent)
+                if rf is None:
+                    raise FsError(errno.ENOENT, f"{agent}/{name} does not exist")
+                rf.mode, rf.uid, rf.gid = upd.get("mode", rf.mode), upd.get("uid", rf.uid), upd.get("gid", rf.gid)
+                self.kernel.invalidate_attr(ino)
+            else:
+                op = ch.CHOWN if ("uid" in upd or "gid" in upd) else ch.CHMOD
+                await self._commit(Change(op, agent, caller.who(), time.time_ns(), attrs={name: upd}))
+        # atime/mtime of state files are the version's time: explicit updates are ignored.
+        return self._attr(ino)
+
+    def _committed(self, agent: str, name: str) -> bool:
+        if name == RUNTIME_FILE:
+            return self.runtime.get(agent) is not None
+        view = self.git.agent(agent)
+        return view is not None and name in view.files
+
+    def _truncate_handle(self, h: Handle, size: int) -> None:
+        check_size(size, self.opts.max_size)
+        buf = self._ensure_buffer(h)
+        if size > len(buf):
+            self._grow_buffer(h, size)
+            buf.extend(bytes(size - len(buf)))
+        else:
+            self.buffer_bytes -= len(buf) - size
+            del buf[size:]
+        self._touch(h)
+
+    # -- directories ---------------------------------------------------------------------------
+    async def mkdir(self, parent: int, name: str, mode: int, caller: Caller) -> Attr:
+        where, agent, sdir = self._parent_dir(parent)
+        perm = stat.S_IMODE(mode) & ~caller.umask
+        if where == "root":
+            check_agent_id(name)
+            if self.git.agent(name) is not None:
+                raise FsError(errno.EEXIST, f"agent {name} exists")
+            await self._commit(Change(ch.MKDIR, name, caller.who(), time.time_ns(),
+                                      attrs={"": {"mode": perm, "uid": caller.uid, "gid": caller.gid}}))
+            ino = self.inodes.stable(("agent", name))
+        else:
+            self._check_scratch_name(where, agent, name)
+            if name in sdir.children:
+                raise FsError(errno.EEXIST, f"{name} exists")
+            node = self.scratch.new_node(new_ino(self.inodes._keys), stat.S_IFDIR | perm, caller.uid,
+                                         caller.gid, name)
+            self.inodes.bind(node.ino, ("scratch", node))
+            sdir.children[name] = node
+            sdir.touch()
+            ino = node.ino
+        attr = self._attr(ino)
+        self.inodes.remember(ino)
+        return attr
+
+    def _check_scratch_name(self, where: str, agent: str | None, name: str) -> None:
+        if is_reserved(name):
+            raise FsError(errno.EINVAL, f"{name!r}: names starting with '@' are reserved")
+        if where == "agent" and is_state(name):
+            if self._exists_state(agent, name):
+                raise FsError(errno.EEXIST, f"{agent}/{name} exists")
+            raise FsError(errno.EINVAL, f"{agent}/{name} is a state file name, not a directory")
+
+    async def rmdir(self, parent: int, name: str, caller: Caller) -> None:
+        where, agent, sdir = self._parent_dir(parent)
+        if name == HISTORY_DIR:
+            raise FsError(errno.EROFS, "history is read-only")
+        if where == "root":
+            if is_reserved(name):
+                raise FsError(errno.EPERM, f"{name} is reserved")
+            self._agent_view(name)
+            s = self.agent_scratch.get(name)
+            if (s is not None and s.children) or self.runtime.get(name) is not None \
+                    or any(a == name for a, _ in self.pending):
+                raise FsError(errno.ENOTEMPTY, f"agent {name} is not empty")
+            await self._commit(Change(ch.RMDIR, name, caller.who(), time.time_ns()))
+            return   # publish retired the agent and released its scratch
+        if where == "agent" and is_state(name):
+            raise FsError(errno.ENOTDIR, f"{agent}/{name} is not a directory")
+        node = sdir.children.get(name)
+        if node is None:
+            raise FsError(errno.ENOENT, f"{name} does not exist")
+        if not node.is_dir:
+            raise FsError(errno.ENOTDIR, f"{name} is not a directory")
+        if node.children:
+            raise FsError(errno.ENOTEMPTY, f"{name} is not empty")
+        del sdir.children[name]
+        self.scratch.unlinked(node)
+        sdir.touch()
+
+    async def opendir(self, ino: int, caller: Caller) -> int:
+        key = self.inodes.key(ino)
+        if key[0].startswith("hist-"):
+            if key[0] == "hist-commit" and not key[1]:
+                # Lists every agent at a commit: a walk proportional to the store, off the trio thread.
+                count, item = await trio.to_thread.run_sync(self.history.entries, key)
+            else:
+                count, item = self.history.entries(key)
+            fh = self._fh()
+            self.dirs[fh] = _Dir(count, item, keys=True)
+            return fh
+        entries: list[tuple[str, object]] = []
+        if key[0] == "root":
+            if not self.git.agents_loaded():
+                await trio.to_thread.run_sync(self.git.agents)
+            entries = [(a, ("agent", a)) for a in sorted(self.git.agents())]
+        elif key[0] == "agent":
+            agent = key[1]
+            view = self._agent_view(agent)
+            names = set(view.files) | {n for a, n in self.pending if a == agent}
+            if self.runtime.get(agent) is not None:
+                names.add(RUNTIME_FILE)
+            entries = [(n, ("state", agent, n)) for n in sorted(names)]
+            s = self.agent_scratch.get(agent)
+            if s is not None:
+                entries += [(n, ("scratch", c)) for n, c in sorted(s.children.items())]
+        elif key[0] == "scratch" and key[1].is_dir:
+            entries = [(n, ("scratch", c)) for n, c in sorted(key[1].children.items())]
+        else:
+            raise FsError(errno.ENOTDIR, "not a directory")
+        if self.opts.history_visible and key[0] in ("root", "agent"):
+            entries.insert(0, (HISTORY_DIR, ("hist-root", key[1] if key[0] == "agent" else "")))
+        fh = self._fh()
+        self.dirs[fh] = _Dir(len(entries), entries.__getitem__, keys=True)
+        return fh
+
+    def _ino_for_listing(self, key: tuple) -> int | None:
+        kind = key[0]
+        if kind == "state":
+            return self._state_ino(key[1], key[2])
+        if kind == "scratch":
+            node = key[1]
+            if node.nlink == 0:
+                return None
+            self.inodes.bind(node.ino, key)
+            return node.ino
+        return self.inodes.stable(key)
+
+    async def readdir(self, fh: int, start: int, reply) -> None:
+        """Call ``reply(name, attr, next_id) -> bool`` for entries from ``start`` on.
+
+        An inode is registered only when the kernel accepted its entry (it then holds a
+        lookup reference and will forget it); so long listings leave nothing behind."""
+        d = self.dirs.get(fh)
+        if d is None:
+            return
+        for i in range(start, d.count):
+            name, key = d.item(i)
+            had = None
+            try:
+                had = self.inodes.peek(key)
+                ino = self._ino_for_listing(key)
+                if ino is None:
+                    continue
+                attr = self._listing_attr(ino)
+            except FsError:
+                continue  # removed since opendir
+            if not reply(name, attr, i + 1):
+                if had is None:
+                    self.inodes.drop_if_unused(ino, keep=lambda i: bool(self.by_ino.get(i)))
+                break
+            self.inodes.remember(ino)
+
+    async def releasedir(self, fh: int) -> None:
+        self.dirs.pop(fh, None)
+
+    # -- files -------------------------------------------------------------------------------
+    async def open(self, ino: int, flags: int, caller: Caller) -> Handle:
+        key = self.inodes.key(ino)
+        writable = bool(flags & (os.O_WRONLY | os.O_RDWR))
+        fh = self._fh()
+        if key[0] == "scratch":
+            node: ScratchNode = key[1]
+            if node.is_dir:
+                raise FsError(errno.EISDIR, "is a directory")
+            if writable and flags & os.O_TRUNC:
+                self.scratch.resize(node, 0)
+            h = Handle(fh, ino, "scratch", node=node, flags=flags)
+            self.scratch.opened(node)
+            self._add_handle(h)
+            return h
+        if key[0] in ("hist-file", "hist-rt"):
+            if writable or flags & os.O_TRUNC:
+                raise FsError(errno.EROFS, "history is read-only")
+            h = Handle(fh, ino, "history", flags=flags, snapshot=self.history.content(key))
+            self._add_handle(h)
+            return h
+        if key[0] == "orphan":
+            raise FsError(errno.ENOENT, "file was removed")
+        if key[0] != "state":
+            raise FsError(errno.EISDIR, "is a directory")
+        agent, name = key[1], key[2]
+        data, oid, rf = await self._acquire(agent, name)
+        # re-check: the name may have been unlinked or replaced while we read the blob.
+        if self.inodes.key(ino) != key:
+            if oid is not None:
+                self._unshare(oid)
+            raise FsError(errno.ENOENT, f"{agent}/{name} was replaced while opening")
+        p = self.pending.get((agent, name))
+        created = p is not None and p.fid == ino and not self._committed(agent, name)
+        h = Handle(fh, ino, "runtime" if name == RUNTIME_FILE else "state", agent=agent, name=name,
+                   flags=flags, who=caller.who() if writable else Who(caller.uid, caller.gid, caller.pid),
+                   snapshot=data, blob=oid, fid=ino if is_durable(name) else None, rtfile=rf,
+                   created=created)
+        if created:
+            p.creators += 1
+        if writable and flags & os.O_TRUNC:
+            h.buffer = bytearray()
+            if data or created:
+                self._touch(h)
+        self._add_handle(h)
+        return h
+
+    async def create(self, parent: int, name: str, mode: int, flags: int, caller: Caller) -> tuple[Handle, Attr]:
+        where, agent, sdir = self._parent_dir(parent)
+        perm = stat.S_IMODE(mode) & ~caller.umask
+        if where == "root":
+            raise FsError(errno.EPERM, f"{name!r}: only agent directories can be created at the top level")
+        if where == "agent" and is_state(name):
+            if self._exists_state(agent, name):
+                if flags & os.O_EXCL:
+                    raise FsError(errno.EEXIST, f"{agent}/{name} exists")
+                ino = self._state_ino(agent, name)
+                h = await self.open(ino, flags, caller)
+            else:
+                fid = new_ino(self.inodes._keys) if is_durable(name) else None
+                self.pending[(agent, name)] = PendingFile(fid or 0, perm, caller.uid, caller.gid, time.time_ns())
+                ino = self._state_ino(agent, name)
+                if fid is None:
+                    self.pending[(agent, name)].fid = ino
+                h = Handle(self._fh(), ino, "runtime" if name == RUNTIME_FILE else "state", agent=agent,
+                           name=name, flags=flags, who=caller.who(), buffer=bytearray(), created=True,
+                           fid=fid)
+                self.pending[(agent, name)].creators += 1
+                self._touch(h)
+                self._add_handle(h)
+            attr = self._attr(ino)
+            self.inodes.remember(ino)
+            return h, attr
+        self._check_scratch_name(where, agent, name)
+        node = sdir.children.get(name)
+        if node is not None:
+            if flags & os.O_EXCL:
+                raise FsError(errno.EEXIST, f"{name} exists")
+            self.inodes.bind(node.ino, ("scratch", node))
+            h = await self.open(node.ino, flags, caller)
+        else:
+            node = self.scratch.new_node(new_ino(self.inodes._keys), stat.S_IFREG | perm, caller.uid,
+                                         caller.gid, name)
+            self.inodes.bind(node.ino, ("scratch", node))
+            sdir.children[name] = node
+            sdir.touch()
+            h = Handle(self._fh(), node.ino, "scratch", node=node, flags=flags)
+            self.scratch.opened(node)
+            self._add_handle(h)
+        attr = self._attr(node.ino)
+        self.inodes.remember(node.ino)
+        return h, attr
+
+    def handle(self, fh: int) -> Handle:
+        h = self.handles.get(fh)
+        if h is None:
+            raise FsError(errno.EBADF, f"unknown file handle {fh}")
+        return h
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        h = self.handle(fh)
+        if h.kind == "scratch":
+            h.node.atime_ns = time.time_ns()
+            return bytes(h.node.data[off:off + size])
+        return bytes(h.content()[off:off + size])
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        h = self.handle(fh)
+        if h.kind == "scratch":
+            if h.append:
+                off = len(h.node.data)
+            return self.scratch.write(h.node, off, buf)
+        if h.kind == "history":
+            raise FsError(errno.EBADF, "history is read-only")
+        data = self._ensure_buffer(h)
+        if h.append:
+            off = len(data)
+        end = off + len(buf)
+        if end > self.opts.max_size:
+            raise FsError(errno.EFBIG, f"{h.agent}/{h.name}: write to {end} bytes exceeds the "
+                                       f"{self.opts.max_size}-byte state file cap")
+        if end > len(data):
+            self._grow_buffer(h, end)
+            data.extend(bytes(end - len(data)))
+        data[off:end] = buf
+        self._touch(h)
+        return len(buf)
+
+    async def flush(self, fh: int) -> None:
+        """Commit a dirty handle's buffer (close and fsync). On refusal the buffer stays
+        (a later flush of a dup'ed descriptor may succeed); writes that arrive while
+        the commit is in flight are committed by the next round of the loop."""
+        h = self.handles.get(fh)
+        if h is None or h.kind in ("scratch", "history"):
+            return
+        while h.dirty and not h.orphan:
+            gen = h.gen
+            data = bytes(h.content())
+            attrs = None
+            p = self.pending.get((h.agent, h.name))
+            if h.created and p is not None and p.fid == h.ino:
+                attrs = {"mode": p.mode, "uid": p.uid, "gid": p.gid}
+            try:
+                result = await self._save(h.agent, h.name, data, h.who, attrs=attrs, fid=h.fid,
+                                          create=h.created, rtfile=h.rtfile if not h.created else None)
+            except FsError as exc:
+                h.last_error = exc
+                raise
+            # re-check: the handle may have been written, renamed or orphaned meanwhile.
+            if result == ch.ORPHAN:
+                h.orphan = True
+                break
+            h.last_error = None
+            if h.created and p is not None and self.pending.get((h.agent, h.name)) is p \
+                    and self._committed(h.agent, h.name):
+                del self.pending[(h.agent, h.name)]
+            if h.created:
+                h.created = False
+                if h.kind == "runtime":
+                    h.rtfile = self.runtime.get(h.agent)
+            if h.gen == gen:
+                h.snapshot = data
+                self._drop_buffer(h)
+        if h.orphan and h.dirty:
+            log.debug("%s/%s: written after it was removed; the data goes nowhere (as on ext4)",
+                      h.agent, h.name)
+            self._drop_buffer(h)
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self.flush(fh)
+
+    async def release(self, fh: int) -> None:
+        h = self.handles.pop(fh, None)
+        if h is None:
+            return
+        peers = self.by_ino.get(h.ino)
+        if peers is not None:
+            peers.discard(h)
+            if not peers:
+                del self.by_ino[h.ino]
+                self.inodes.drop_if_unused(h.ino)
+        if h.kind == "scratch":
+            self.scratch.closed(h.node)
+            return
+        if h.blob is not None:
+            self._unshare(h.blob)
+        if h.kind == "history":
+            return
+        if h.dirty and not h.orphan:
+            reason = h.last_error.reason if h.last_error else "closed without a successful flush"
+            reason = reason.removeprefix(f"{h.agent}/{h.name}: ")
+            log.warning("%s/%s: not committed (%s); previous version kept (pid %d %s, uid %d)",
+                        h.agent, h.name, reason, h.who.pid, h.who.comm, h.who.uid)
+        self._drop_buffer(h)
+        p = self.pending.get((h.agent, h.name))
+        if h.created and p is not None and p.fid == h.ino:
+            p.creators -= 1
+            if p.creators <= 0:
+                del self.pending[(h.agent, h.name)]
+                if not self._committed(h.agent, h.name):
+                    self.inodes.retire(h.ino)
+                    agent_ino = self.inodes.peek(("agent", h.agent))
+                    if agent_ino is not None:
+                        self.kernel.invalidate_entry(agent_ino, h.name)
+
+    # -- names -------------------------------------------------------------------------------
+    async def unlink(self, parent: int, name: str, caller: Caller) -> None:
+        where, agent, sdir = self._parent_dir(parent)
+        if name == HISTORY_DIR:
+            raise FsError(errno.EROFS, "history is read-only")
+        if where == "root":
+            raise FsError(errno.EISDIR if self.git.agent(name) is not None else errno.ENOENT,
+                          f"{name} is an agent directory (use rmdir / rm -r)")
+        if where == "agent" and is_state(name):
+            p = self.pending.get((agent, name))
+            if p is not None and not self._committed(agent, name):
+                del self.pending[(agent, name)]
+                for h in self.by_ino.get(p.fid, ()):
+                    h.created, h.orphan = False, True
+                self.inodes.retire(p.fid, ("orphan", self._orphan_attr(p.fid, False)))
+                return
+            if name == RUNTIME_FILE:
+                ino = self.inodes.peek(("state", agent, name))
+                if not self.runtime.remove(agent):
+                    raise FsError(errno.ENOENT, f"{agent}/{name} does not exist")
+                if ino is not None:
+                    for h in self.by_ino.get(ino, ()):
+                        h.orphan = True
+                    self.inodes.retire(ino, ("orphan", self._orphan_attr(ino, False)))
+                return
+            await self._commit(Change(ch.DELETE, agent, caller.who(), time.time_ns(), files={name: None}))
+            return  # publish retired the inode and orphaned its handles
+        node = sdir.children.get(name)
+        if node is None:
+            raise FsError(errno.ENOENT, f"{name} does not exist")
+        if node.is_dir:
+            raise FsError(errno.EISDIR, f"{name} is a directory")
+        del sdir.children[name]
+        self.scratch.unlinked(node)
+        if node.nlink == 0:
+            self.inodes.retire(node.ino, ("scratch", node))
+        sdir.touch()
+
+    async def rename(self, parent_old: int, old: str, parent_new: int, new: str, flags: int,
+                     caller: Caller) -> None:
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
+            raise FsError(errno.EINVAL, "RENAME_WHITEOUT is not supported")
+        swhere, sagent, sdir = self._parent_dir(parent_old)
+        dwhere, dagent, ddir = self._parent_dir(parent_new)
+        if swhere == "root" or dwhere == "root":
+            # Agents are not renamed in place: EXDEV makes mv(1) copy and delete instead.
+            raise FsError(errno.EXDEV, "agent directories are moved by copy (EXDEV)")
+        if dwhere == "agent" and is_reserved(new) or swhere == "agent" and is_reserved(old):
+            raise FsError(errno.EINVAL, "names starting with '@' are reserved")
+        src_state = swhere == "agent" and is_state(old)
+        dst_state = dwhere == "agent" and is_state(new)
+        exists = self._exists_state(dagent, new) if dst_state else new in ddir.children
+        if flags & RENAME_NOREPLACE and exists:
+            raise FsError(errno.EEXIST, f"{new} exists")
+        if flags & RENAME_EXCHANGE:
+            await self._exchange(swhere, sagent, sdir, old, dwhere, dagent, ddir, new, caller)
+            return
+        if src_state:
+            if not self._exists_state(sagent, old):
+                raise FsError(errno.ENOENT, f"{sagent}/{old} does not exist")
+            if dst_state and sagent == dagent and is_durable(old) and is_durable(new):
+                if old == new:
+                    return
+                if not self._committed(sagent, old):
+                    raise FsError(errno.EBUSY, f"{sagent}/{old} is being created and has no content yet")
+                # An intent: the store moves whatever content and metadata `old` has when
+                # the change is applied (a close queued before us is applied first).
+                await self._commit(Change(ch.RENAME, sagent, caller.who(), time.time_ns(), move=(old, new)))
+                return
+            raise FsError(errno.EXDEV, "state files move between kinds by copy (EXDEV)")
+        node = sdir.children.get(old)
+        if node is None:
+            raise FsError(errno.ENOENT, f"{old} does not exist")
+        if dst_state:
+            if node.is_dir:
+                raise FsError(errno.EISDIR, f"{old} is a directory; {new} is a state file")
+            attrs = {"mode": stat.S_IMODE(node.mode), "uid": node.uid, "gid": node.gid}
+            data = bytes(node.data)
+            if is_durable(new):
+                result = await self._save(dagent, new, data, caller.who(), attrs=attrs, fid=node.ino,
+                                          replace=True)
+            else:
+                result = await self._save(dagent, new, data, caller.who(), attrs=attrs)
+                if result is None:
+                    self.inodes.bind(node.ino, ("state", dagent, new))
+            # re-check: the scratch name may have been unlinked or re-created meanwhile;
+            # remove it only if it still names the node we committed.
+            if sdir.children.get(old) is node:
+                del sdir.children[old]
+                sdir.touch()
+                self.scratch.unlinked(node)
+            elif node.nlink > 0:
+                self.scratch.unlinked(node)
+            return
+        target = ddir.children.get(new)
+        if target is node:
+            return
+        if target is not None:
+            if target.is_dir and not node.is_dir:
+                raise FsError(errno.EISDIR, f"{new} is a directory")
+            if node.is_dir and not target.is_dir:
+                raise FsError(errno.ENOTDIR, f"{new} is not a directory")
+            if target.is_dir and target.children:
+                raise FsError(errno.ENOTEMPTY, f"{new} is not empty")
+        if node.is_dir and self._is_inside(ddir, node):
+            raise FsError(errno.EINVAL, "cannot move a directory into itself")
+        self.scratch.charge_name(node, new)
+        if target is not None:
+            self.scratch.unlinked(target)
+            if target.nlink == 0:
+                self.inodes.retire(target.ino, ("scratch", target))
+        del sdir.children[old]
+        ddir.children[new] = node
+        node.ctime_ns = time.time_ns()
+        sdir.touch()
+        ddir.touch()
+
+    @staticmethod
+    def _is_inside(d: ScratchNode, node: ScratchNode) -> bool:
+        """Is directory ``d`` the directory ``node`` or inside it?"""
+        if d is node:
+            return True
+        return any(c.is_dir and Namespace._is_inside(d, c) for c in node.children.values())
+
+    async def _exchange(self, swhere, sagent, sdir, old, dwhere, dagent, ddir, new, caller) -> None:
+        if swhere == "agent" and dwhere == "agent" and sagent == dagent and is_durable(old) and is_durable(new):
+            if not (self._committed(sagent, old) and self._committed(sagent, new)):
+                raise FsError(errno.ENOENT, f"both {old} and {new} must exist to exchange them")
+            await self._commit(Change(ch.EXCHANGE, sagent, caller.who(), time.time_ns(), move=(old, new)))
+            return
+        if (swhere == "agent" and is_state(old)) or (dwhere == "agent" and is_state(new)):
+            raise FsError(errno.EINVAL, "RENAME_EXCHANGE works between two durable state files or two scratch files")
+        a, b = sdir.children.get(old), ddir.children.get(new)
+        if a is None or b is None:
+            raise FsError(errno.ENOENT, f"both {old} and {new} must exist to exchange them")
+        sdir.children[old], ddir.children[new] = b, a
+        now = time.time_ns()
+        a.ctime_ns = b.ctime_ns = now
+        sdir.touch()
+        ddir.touch()
+
+    async def link(self, ino: int, parent: int, name: str, caller: Caller) -> Attr:
+        raise FsError(errno.EPERM, "hard links are not supported")
+
+    async def symlink(self, parent: int, name: str, target: bytes, caller: Caller) -> Attr:
+        raise FsError(errno.EPERM, "symbolic links are not supported")
+
+    # -- xattrs ------------------------------------------------------------------------------
+    def _state_xattrs(self, agent: str, name: str) -> dict[str, bytes]:
+        if name == RUNTIME_FILE:
+            rf = self.runtime.get(agent)
+            if rf is None:
+                return {}
+            return {"user.agentstatefs.version": str(rf.current.version).encode(),
+                    "user.agentstatefs.time": history_iso(rf.current.time_ns / 1e9).encode()}
+        view = self.git.agent(agent)
+        fm = view.file_meta(name) if view is not None and name in view.files else None
+        last = self.store.history.last_change(agent, name)
+        return self.history.file_xattrs(agent, name, fm, last.commit if last else None)
+
+    async def getxattr(self, ino: int, name: str, caller: Caller) -> bytes:
+        key = self.inodes.key(ino)
+        if key[0] == "root" and name == "user.agentstatefs.pid":
+            return str(os.getpid()).encode()
+        if key[0] == "scratch":
+            value = key[1].xattrs.get(name)
+        elif key[0].startswith("hist-"):
+            value = self.history.xattrs(key).get(name)
+        elif key[0] == "state":
+            value = self._state_xattrs(key[1], key[2]).get(name)
+        else:
+            value = None
+        if value is None:
+            raise FsError(errno.ENODATA, f"no attribute {name}")
+        return value
+
+    async def listxattr(self, ino: int, caller: Caller) -> list[str]:
+        key = self.inodes.key(ino)
+        if key[0] == "scratch":
+            return list(key[1].xattrs)
+        if key[0] == "state":
+            return list(self._state_xattrs(key[1], key[2]))
+        if key[0].startswith("hist-"):
+            return list(self.history.xattrs(key))
+        return []
+
+    async def setxattr(self, ino: int, name: str, value: bytes, caller: Caller) -> None:
+        key = self.inodes.key(ino)
+        if key[0].startswith("hist-"):
+            raise FsError(errno.EROFS, "history is read-only")
+        if key[0] != "scratch":
+            raise FsError(errno.ENOTSUP, "extended attributes can only be set on scratch files")
+        if len(name.encode()) > XATTR_NAME_MAX:
+            raise FsError(errno.ERANGE, "attribute name too long")
+        if len(value) > XATTR_VALUE_MAX:
+            raise FsError(errno.E2BIG, "attribute value too large")
+        self.scratch.set_xattr(key[1], name, bytes(value))
+
+    async def removexattr(self, ino: int, name: str, caller: Caller) -> None:
+        key = self.inodes.key(ino)
+        if key[0] != "scratch" or not self.scratch.remove_xattr(key[1], name):
+            raise FsError(errno.ENODATA, "no such attribute")
