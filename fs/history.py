@@ -93,7 +93,8 @@ class CommitIndex:
             self._last[(e.agent, name)] = pos
             if blob != "-":
                 self._versions[(e.agent, name, blob)] = pos
-        self._sorted = None
+        if self._sorted is not None:
+            bisect.insort(self._sorted, e.commit)   # kept sorted: no re-sort per prefix lookup
 
     def _entry_from_commit(self, commit: pygit2.Commit) -> Entry:
         t = _trailers(commit.message)
@@ -156,6 +157,7 @@ class CommitIndex:
                     oid = commit.parent_ids[0]
             rewrite = torn or keep != len(loaded) or (not loaded and bool(missing))
             self.entries, self._pos, self._by_agent, self._versions, self._last = [], {}, {}, {}, {}
+            self._sorted = None
             for e in loaded[:keep]:
                 self._add(e)
             for commit in reversed(missing):

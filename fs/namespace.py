@@ -175,7 +175,13 @@ class Namespace:
 
         A file keeps its number wherever it moved (rename); a number whose file lost
         its name becomes an orphan, and handles on it write nowhere from now on."""
-        new = {n: (view.fid(agent, n) if view is not None else None) for n in DURABLE_FILES}
+        new = {}
+        for n in DURABLE_FILES:
+            fid = view.fid(agent, n) if view is not None else None
+            p = self.pending.get((agent, n))
+            if fid is None and p is not None and view is not None:
+                fid = p.fid          # still being created by an open handle: keeps its name
+            new[n] = fid
         old = {n: self.inodes.peek(("state", agent, n)) for n in DURABLE_FILES}
         moved = set()
         for name, fid in new.items():
@@ -219,7 +225,7 @@ class Namespace:
     def _scratch_dir(self, agent: str) -> ScratchNode:
         node = self.agent_scratch.get(agent)
         if node is None:
-            node = self.agent_scratch[agent] = self.scratch.new_node(0, stat.S_IFDIR | 0o755, 0, 0)
+            node = self.agent_scratch[agent] = self.scratch.new_node(0, stat.S_IFDIR | 0o755, 0, 0, charge=False)
         return node
 
     def _state_ino(self, agent: str, name: str) -> int | None:

@@ -68,8 +68,9 @@ class ScratchSpace:
             raise FsError(errno.ENOSPC, f"scratch space full ({self.used} of {self.limit} bytes used)")
         self.used += n
 
-    def new_node(self, ino: int, mode: int, uid: int, gid: int, name: str = "") -> ScratchNode:
-        cost = NODE_COST + len(name.encode())
+    def new_node(self, ino: int, mode: int, uid: int, gid: int, name: str = "",
+                 charge: bool = True) -> ScratchNode:
+        cost = NODE_COST + len(name.encode()) if charge else 0
         self._charge(cost)
         now = time.time_ns()
         return ScratchNode(ino=ino, mode=mode, uid=uid, gid=gid, atime_ns=now, mtime_ns=now,
