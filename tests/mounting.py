@@ -45,12 +45,15 @@ class Mount:
         self.proc: subprocess.Popen | None = None
         self.mp.mkdir(parents=True, exist_ok=True)
 
-    def start(self, *options: str, wait: bool = True, extra: tuple = ()) -> "Mount":
+    def start(self, *options: str, wait: bool = True, extra: tuple = (),
+              env: dict[str, str] | None = None) -> "Mount":
+        """Start the daemon; ``env`` entries are added to (override) the inherited environment."""
         args = CLI + ["mount", "--foreground", "--repo", str(self.repo), str(self.mp), *extra]
         for o in options:
             args += ["-o", o]
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **env} if env else None)
         if wait:
             self.wait_mounted()
         return self
