@@ -249,9 +249,16 @@ def loose_object_count(repo_dir: str) -> int:
     return total
 
 
+def geometric_repack_command(repo_dir: str) -> list[str]:
+    """Combine small packs (the daemon writes one per commit group) so that pack sizes
+    form a geometric progression: cost proportional to the small packs, not the repo."""
+    return ["git", "-C", repo_dir, *GIT_DURABLE, "repack", "-d", "-q", "--geometric=2"]
+
+
 def repack_command(repo_dir: str) -> list[str]:
-    """Pack loose reachable objects into one fsynced pack and delete the packed loose ones."""
-    return ["git", "-C", repo_dir, *GIT_DURABLE, "repack", "-d", "-q"]
+    """Pack everything (loose objects and the daemon's per-group packs) into one fsynced
+    pack and delete what it replaces."""
+    return ["git", "-C", repo_dir, *GIT_DURABLE, "repack", "-a", "-d", "-q"]
 
 
 def gc(repo_dir: str) -> tuple[int, int]:

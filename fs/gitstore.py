@@ -1,13 +1,15 @@
 """Git persistence: the tree layout, reading agents and files, committing Changes.
 
-A bare repository, branch ``main``; commits are built in memory with TreeBuilder (no
-working copy, no index). Durability is not this module's job: libgit2 writes objects
-unsynced and the journal (``journal.py``) is the durability point.
+A bare repository, branch ``main``; commits are built in memory (git's object formats,
+serialized and hashed here; no working copy, no index) and each group's objects are
+written as one pack. Durability is not this module's job: packs are written unsynced
+and the journal (``journal.py``) is the durability point.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -20,6 +22,7 @@ import xxhash
 from pygit2.enums import FileMode, ObjectType
 
 from . import changes as ch
+from . import mempack
 from .errors import FsError, RepoError
 from .layout import FORMAT_BLOB, FORMAT_NAME, fanout
 from .names import DURABLE_FILES, META_FILE
@@ -110,7 +113,10 @@ class GitStore:
         self._blob_cache_max = blob_cache_bytes
         self._agents: set[str] | None = None
         self._agents_delta: dict = {}
-        self.verify_writes = False  # recovery mode: read back every object written
+        self.verify_writes = False  # (unused since objects are packed from memory)
+        self.pending_objects: dict = {}
+        self._tree_cache: OrderedDict = OrderedDict()
+        self._memory = mempack.attach(self.repo, self.pending_objects)
         self._head: pygit2.Oid | None = None
         self._root: pygit2.Tree | None = None
         self._load_head()
@@ -176,8 +182,17 @@ class GitStore:
 
     # -- reading ----------------------------------------------------------------
     def write_ref(self, oid: pygit2.Oid) -> None:
-        """Point ``main`` at ``oid`` on disk (one writer per repository: simply forced)."""
-        self.repo.references.create(BRANCH, oid, force=True)
+        """Point ``main`` at ``oid`` on disk: a loose ref file replaced atomically (one
+        writer per repository, so no lock file; not fsynced: recovery trusts only the
+        checkpoint, and the checkpoint's syncfs makes this durable)."""
+        path = os.path.join(self.path, BRANCH)
+        tmp = os.path.join(self.path, "agentstatefs-main.tmp")   # outside refs/: never a branch
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, f"{oid}\n".encode())
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
 
     def cached_agent(self, agent: str) -> AgentView | None:
         """The agent's view if it is in the cache, without loading it (None otherwise)."""
@@ -310,61 +325,105 @@ class GitStore:
         return self.read_blob(view.files[name])
 
     # -- writing ----------------------------------------------------------------
+    # Objects are serialized and hashed here (git's own formats), kept in memory
+    # (``self.pending_objects``, readable through the ``MemoryObjects`` backend) and
+    # written out once per group as one pack (``flush_objects``). No loose files, no
+    # libgit2 write path (whose existence check re-reads the pack directory on every
+    # new object).
     def _write(self, kind: int, data: bytes) -> pygit2.Oid:
-        oid = self.repo.odb.write(kind, data)
-        if self.verify_writes:
-            # After a power cut a loose object may exist but be truncated; libgit2
-            # skips rewriting objects it finds, so read back and repair.
-            try:
-                self.repo.odb.read(oid)
-            except Exception:
-                loose = os.path.join(self.path, "objects", str(oid)[:2], str(oid)[2:])
-                log.warning("repairing corrupt loose object %s", oid)
-                try:
-                    os.chmod(loose, 0o644)
-                    os.unlink(loose)
-                except OSError:
-                    pass
-                oid = self.repo.odb.write(kind, data)
+        header = b"%s %d\x00" % (mempack.TYPE_NAMES[kind], len(data))
+        oid = pygit2.Oid(raw=hashlib.sha1(header + data).digest())
+        if oid not in self.pending_objects:
+            self.pending_objects[oid] = (kind, bytes(data))
         return oid
 
     def _blob(self, data: bytes) -> pygit2.Oid:
         return self._write(ObjectType.BLOB, data)
 
-    def _tree_write(self, tb: pygit2.TreeBuilder) -> pygit2.Oid:
-        oid = tb.write()
-        if self.verify_writes:
-            self.repo.odb.read(oid)
+    def _entries(self, oid: pygit2.Oid | None) -> dict:
+        """A tree as ``{name: (mode, raw oid)}`` (cached by id: trees never change)."""
+        if oid is None:
+            return {}
+        cached = self._tree_cache.get(oid)
+        if cached is not None:
+            self._tree_cache.move_to_end(oid)
+            return cached
+        entries = {e.name: (int(e.filemode), e.id.raw) for e in self.repo[oid]}
+        self._cache_tree(oid, entries)
+        return entries
+
+    def _cache_tree(self, oid: pygit2.Oid, entries: dict) -> None:
+        self._tree_cache[oid] = entries
+        while len(self._tree_cache) > 512:
+            self._tree_cache.popitem(last=False)
+
+    def _tree_write(self, entries: dict) -> pygit2.Oid | None:
+        if not entries:
+            return None
+        key = lambda n: n + "/" if entries[n][0] == FileMode.TREE else n  # noqa: E731 (git's order)
+        data = b"".join(b"%o %s\x00%s" % (entries[n][0], n.encode(), entries[n][1])
+                        for n in sorted(entries, key=key))
+        oid = self._write(ObjectType.TREE, data)
+        self._cache_tree(oid, entries)
         return oid
 
-    def _replace(self, tree: pygit2.Tree | None, name: str, oid: pygit2.Oid | None,
+    def _replace(self, tree: pygit2.Oid | None, name: str, oid: pygit2.Oid | None,
                  mode: int = FileMode.TREE) -> pygit2.Oid | None:
-        tb = self.repo.TreeBuilder(tree) if tree is not None else self.repo.TreeBuilder()
+        entries = dict(self._entries(tree))
         if oid is None:
-            if tb.get(name) is not None:
-                tb.remove(name)
+            entries.pop(name, None)
         else:
-            tb.insert(name, oid, mode)
-        if len(tb) == 0:
+            entries[name] = (int(mode), oid.raw)
+        return self._tree_write(entries)
+
+    @staticmethod
+    def _child_oid(entries: dict, name: str) -> pygit2.Oid | None:
+        e = entries.get(name)
+        if e is None or e[0] != FileMode.TREE:
             return None
-        return self._tree_write(tb)
+        return pygit2.Oid(raw=e[1])
 
     def _new_root(self, agent: str, agent_tree: pygit2.Oid | None) -> pygit2.Oid:
         a, b = fanout(agent)
-        root = self._root
-        l1 = self._subtree(root, a)
-        l2 = self._subtree(l1, b)
+        root = self._root.id if self._root is not None else None
+        root_entries = self._entries(root)
+        l1 = self._child_oid(root_entries, a)
+        l2 = self._child_oid(self._entries(l1), b)
         new_l2 = self._replace(l2, agent, agent_tree)
         new_l1 = self._replace(l1, b, new_l2)
-        tb = self.repo.TreeBuilder(root) if root is not None else self.repo.TreeBuilder()
-        if tb.get(FORMAT_NAME) is None:
-            tb.insert(FORMAT_NAME, self._blob(FORMAT_BLOB), FileMode.BLOB)
+        entries = dict(root_entries)
+        if FORMAT_NAME not in entries:
+            entries[FORMAT_NAME] = (int(FileMode.BLOB), self._blob(FORMAT_BLOB).raw)
         if new_l1 is None:
-            if tb.get(a) is not None:
-                tb.remove(a)
+            entries.pop(a, None)
         else:
-            tb.insert(a, new_l1, FileMode.TREE)
-        return self._tree_write(tb)
+            entries[a] = (int(FileMode.TREE), new_l1.raw)
+        return self._tree_write(entries)
+
+    def _commit_write(self, tree: pygit2.Oid, parents: list, author: pygit2.Signature,
+                      committer: pygit2.Signature, message: str) -> pygit2.Oid:
+        def ident(sig: pygit2.Signature) -> bytes:
+            return b"%s <%s> %d +0000" % (sig.name.encode(), sig.email.encode(), sig.time)
+        lines = [b"tree %s" % str(tree).encode()]
+        lines += [b"parent %s" % str(p).encode() for p in parents]
+        lines += [b"author " + ident(author), b"committer " + ident(committer)]
+        return self._write(ObjectType.COMMIT, b"\n".join(lines) + b"\n\n" + message.encode())
+
+    def discard_objects(self) -> None:
+        """Forget objects of a group that never became durable."""
+        self.pending_objects.clear()
+
+    def flush_objects(self) -> int:
+        """Write every pending object as one pack (not fsynced: the checkpoint's syncfs
+        makes it durable; until then the journal is the durability point). Objects stay
+        readable from memory until the pack is in place. Returns how many were written."""
+        if not self.pending_objects:
+            return 0
+        objects = dict(self.pending_objects)
+        mempack.write_pack(self.path, objects, durable=False)
+        for oid in objects:
+            self.pending_objects.pop(oid, None)
+        return len(objects)
 
     def apply(self, change: ch.Change, update_ref: bool = True) -> pygit2.Oid | None:
         """Commit ``change`` on top of the head; None when it changes nothing.
@@ -398,16 +457,15 @@ class GitStore:
             if new_view is None:
                 agent_tree = None
             else:
-                tb = self.repo.TreeBuilder()
-                tb.insert(META_FILE, self._blob(_encode_meta(new_view.meta)), FileMode.BLOB)
+                entries = {META_FILE: (int(FileMode.BLOB), self._blob(_encode_meta(new_view.meta)).raw)}
                 for name, oid in new_view.files.items():
-                    tb.insert(name, oid, FileMode.BLOB)
-                agent_tree = self._tree_write(tb)
+                    entries[name] = (int(FileMode.BLOB), oid.raw)
+                agent_tree = self._tree_write(entries)
                 new_view.tree = agent_tree
             root = self._new_root(agent, agent_tree)
             author, committer = signature_for(change.who, change.time_ns)
             parents = [self._head] if self._head is not None else []
-            oid = self.repo.create_commit(None, author, committer, change.message(), root, parents)
+            oid = self._commit_write(root, parents, author, committer, change.message())
             made = self.repo[oid]
             if made.author.name != author.name or made.message != change.message():
                 # Never publish a commit git could not parse back exactly.

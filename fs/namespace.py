@@ -1095,8 +1095,8 @@ class Namespace:
 
     async def getxattr(self, ino: int, name: str, caller: Caller) -> bytes:
         key = self.inodes.key(ino)
-        if key[0] == "root" and name == "user.agentstatefs.pid":
-            return str(os.getpid()).encode()
+        if key[0] == "root" and name in self._root_xattrs():
+            return self._root_xattrs()[name]
         if key[0] == "scratch":
             value = key[1].xattrs.get(name)
         elif key[0].startswith("hist-"):
@@ -1109,8 +1109,18 @@ class Namespace:
             raise FsError(errno.ENODATA, f"no attribute {name}")
         return value
 
+    def _root_xattrs(self) -> dict[str, bytes]:
+        """The daemon's pid; the head readers see; the commit git's ``main`` names on disk
+        (it trails the head by about a millisecond after each group: equal when idle)."""
+        head, flushed = self.git.head, self.store.flushed_head
+        return {"user.agentstatefs.pid": str(os.getpid()).encode(),
+                "user.agentstatefs.head": str(head or "").encode(),
+                "user.agentstatefs.git-head": str(flushed or "").encode()}
+
     async def listxattr(self, ino: int, caller: Caller) -> list[str]:
         key = self.inodes.key(ino)
+        if key[0] == "root":
+            return list(self._root_xattrs())
         if key[0] == "scratch":
             return list(key[1].xattrs)
         if key[0] == "state":

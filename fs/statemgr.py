@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import time
 
 import trio
@@ -72,7 +73,7 @@ class StateManager:
             t0 = time.monotonic_ns()
             try:
                 group = await trio.to_thread.run_sync(
-                    self.store.commit_group, [s.change for s in batch])
+                    self.store.commit_group, [s.change for s in batch], False)
             except Exception:
                 log.exception("commit of a group of %d change(s) failed", len(batch))
                 group = Group([FsError(errno.EIO, "internal error while committing")] * len(batch),
@@ -90,6 +91,13 @@ class StateManager:
             for slot, result in zip(batch, results):
                 slot.result = result
                 slot.done.set()
+            if group.views:
+                # Behind the acknowledgement: the group's objects as one pack, the ref.
+                # The next group queues meanwhile (and grows).
+                try:
+                    await trio.to_thread.run_sync(self.store.flush_git)
+                except Exception:
+                    log.exception("writing git objects failed (they stay in memory)")
 
     async def run_checkpointer(self) -> None:
         """Checkpoint in the background: bounded journal, bounded replay time."""
@@ -105,29 +113,38 @@ class StateManager:
                 except Exception:
                     log.exception("checkpoint failed (will retry)")
 
-    async def run_packer(self, every_commits: int = 2000, poll: float = 30.0) -> None:
-        """Pack loose objects in the background (``git repack -d``, a separate process).
+    async def run_packer(self, every_commits: int = 2000, poll: float = 30.0, max_packs: int = 32) -> None:
+        """Combine the small per-group packs in the background (``git repack -d
+        --geometric=2``, a separate process) once there are more than ``max_packs`` of
+        them or ``every_commits`` commits were made since the last run.
 
-        Writers never wait for it: new loose objects keep being written while it runs
-        and only objects already in the new pack are deleted."""
-        from .fsck import repack_command
+        Writers never wait for it: new packs keep being written while it runs, and git
+        deletes only packs whose objects are in the new one."""
+        from .fsck import geometric_repack_command
         packed_at = self.store.commits
+        pack_dir = os.path.join(self.store.repo_dir, "objects", "pack")
         while True:
             await trio.sleep(poll)
-            if self.store.readonly or self.store.commits - packed_at < every_commits:
+            if self.store.readonly:
+                continue
+            try:
+                packs = sum(1 for e in os.scandir(pack_dir) if e.name.endswith(".pack"))
+            except OSError:
+                packs = 0
+            if packs <= max_packs and self.store.commits - packed_at < every_commits:
                 continue
             packed_at = self.store.commits
             t0 = time.monotonic()
             try:
-                result = await trio.run_process(repack_command(self.store.repo_dir), capture_stdout=True,
-                                                capture_stderr=True, check=False)
+                result = await trio.run_process(geometric_repack_command(self.store.repo_dir),
+                                                capture_stdout=True, capture_stderr=True, check=False)
             except OSError as exc:
                 log.error("background packing could not start: %s", exc)
                 continue
             if result.returncode != 0:
                 log.error("background packing failed: %s", result.stderr.decode(errors="replace").strip())
             else:
-                log.info("packed loose objects in %.2f s", time.monotonic() - t0)
+                log.info("combined %d packs in %.2f s", packs, time.monotonic() - t0)
                 self.packs += 1
 
     async def quiesce(self, timeout: float = 30.0) -> None:

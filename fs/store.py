@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import pygit2
 
 from . import changes as ch
+from . import mempack
 from .changes import Change
 from .errors import FsError, RepoError
 from .gitstore import GitStore
@@ -89,6 +90,7 @@ class Store:
         self.groups = 0
         self.last_checkpoint = time.monotonic()
         self.journal: Journal | None = None
+        self.flushed_head = None     # what refs/heads/main on disk names
         self._cp = self._read_checkpoint()
         if not readonly:
             if not os.access(self.repo_dir, os.W_OK) or not os.access(os.path.join(self.repo_dir, "objects"), os.W_OK):
@@ -108,6 +110,8 @@ class Store:
         GitStore (``self.git``) belongs to the committer thread alone."""
         if self._reader is None:
             self._reader = GitStore(self.repo_dir, create=False)
+            # Objects of a durable group whose pack could not be written yet.
+            mempack.attach(self._reader.repo, self.git.pending_objects)
             self._reader._head = self.git.head
             self._reader._root = self.git.repo[self.git.head].tree if self.git.head is not None else None
         return self._reader
@@ -252,7 +256,25 @@ class Store:
         """Resolve, apply and durably journal ``changes`` in order (see ``commit_group``)."""
         return self.commit_group(changes).results
 
-    def commit_group(self, changes: list[Change]) -> "Group":
+    def flush_git(self) -> None:
+        """Write the objects of acknowledged groups as one pack and point ``main`` at
+        the head (the committer calls this right after publishing a group, so the
+        repository as git sees it trails the acknowledgement by about a millisecond)."""
+        with self._commit_lock:
+            self._flush_git()
+
+    def _flush_git(self) -> None:
+        try:
+            self.git.flush_objects()
+            if self.git.head is not None and self.git.head != self.flushed_head:
+                self.git.write_ref(self.git.head)   # recovery never trusts it anyway
+                self.flushed_head = self.git.head
+        except (OSError, pygit2.GitError) as exc:
+            # Durable in the journal and readable from memory; the next try writes them.
+            log.error("could not write git objects or branch main (%s); they stay in memory "
+                      "until the next try", exc)
+
+    def commit_group(self, changes: list[Change], flush: bool = True) -> "Group":
         """Resolve, apply and durably journal ``changes`` in order, as one group.
 
         Returns a Group: one result per change (the new commit Oid, None when nothing
@@ -264,6 +286,7 @@ class Store:
             return Group([FsError(errno.EROFS, "mounted read-only") for _ in changes], self.git.head, {})
         with self._commit_lock:
             head0 = self.git.head
+            objects0 = len(self.git.pending_objects)
             results: list = []
             payloads: list[bytes] = []
             made: list[tuple] = []   # (commit oid, change, {file: blob hex}) for the history index
@@ -300,15 +323,15 @@ class Store:
                 # will be: forget it entirely. The ref on disk was not moved.
                 log.error("journal write failed (%s); group of %d change(s) refused", exc, len(payloads))
                 self.git.rewind(head0, views)
+                for oid in list(self.git.pending_objects)[objects0:]:
+                    self.git.pending_objects.pop(oid, None)
                 e = _errno_of(exc, self.repo_dir)
                 err = FsError(e, f"journal write failed: {os.strerror(e)} ({exc})")
                 results = [err if not isinstance(r, FsError) and r is not None and r != ch.ORPHAN else r
                            for r in results]
                 return Group(results, head0, {})
-            try:
-                self.git.write_ref(self.git.head)  # once per group; recovery never trusts it anyway
-            except (OSError, pygit2.GitError) as exc:
-                log.error("could not update branch main on disk (%s); the next group or checkpoint will", exc)
+            if flush:
+                self._flush_git()
             self.commits += len(payloads)
             self.groups += 1
             for oid, change, files in made:
@@ -329,10 +352,12 @@ class Store:
                 if not force and self._cp is not None and cp_commit == (str(head) if head else None) \
                         and self._cp["seq"] == seq:
                     return False
+                self.git.flush_objects()
                 self.journal.open_new_segment()
                 self.journal.bytes_since_checkpoint = 0
                 if head is not None:
                     self.git.write_ref(head)
+                    self.flushed_head = head
             syncfs(self.repo_dir)
             self._write_checkpoint(head, seq)
             self.journal.drop_through(seq)

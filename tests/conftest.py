@@ -45,3 +45,16 @@ def sh(cmd: str, cwd=None, check=True, **kw) -> subprocess.CompletedProcess:
     if check and r.returncode != 0:
         raise AssertionError(f"{cmd!r} failed ({r.returncode}): {r.stderr}")
     return r
+
+
+def unpack_to_loose(repo) -> None:
+    """Turn every pack of a stopped repository into loose objects (so a test can corrupt
+    one object file): the daemon writes packs, one per commit group."""
+    repo = Path(repo)
+    for p in sorted((repo / "objects/pack").glob("*.pack")):
+        moved = repo / p.name
+        p.rename(moved)
+        p.with_suffix(".idx").unlink()
+        with open(moved, "rb") as f:
+            subprocess.run(["git", "-C", str(repo), "unpack-objects", "-q"], stdin=f, check=True)
+        moved.unlink()

@@ -104,7 +104,23 @@ class Mount:
         except AttributeError:
             pass
 
+    def git_settled(self, timeout: float = 10.0) -> None:
+        """Wait until git's ``main`` on disk names the head the mount serves: the daemon
+        writes each group's pack and ref right after acknowledging it."""
+        if self.proc is None or self.proc.poll() is not None or not is_live_mount(self.mp):
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                head = os.getxattr(self.mp, "user.agentstatefs.head")
+                if os.getxattr(self.mp, "user.agentstatefs.git-head") == head:
+                    return
+            except OSError:
+                return
+            time.sleep(0.002)
+
     def git(self, *args: str, check: bool = True) -> str:
+        self.git_settled()
         r = subprocess.run(["git", "-C", str(self.repo), *args], capture_output=True, text=True)
         if check and r.returncode != 0:
             raise AssertionError(f"git {' '.join(args)} failed: {r.stderr}")

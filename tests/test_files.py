@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from conftest import sh
+from conftest import sh, unpack_to_loose
 
 
 def read(p):
@@ -330,6 +330,7 @@ def test_handler_exception_does_not_kill_daemon(mounts):
     sh("mkdir a1 a2 && echo '{\"secret\": 1}' > a1/config.json && echo '{}' > a2/config.json", cwd=m.mp)
     blob = m.git("rev-parse", "main:" + m.tree_path("a1", "config.json")).strip()
     m.stop()
+    unpack_to_loose(m.repo)
     obj = m.repo / "objects" / blob[:2] / blob[2:]
     os.chmod(obj, 0o644)
     obj.write_bytes(b"garbage, not zlib")

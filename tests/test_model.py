@@ -1,14 +1,17 @@
 """Model-based test: random operation sequences on a real mount vs a plain dict.
 
 Hypothesis drives writes (valid and invalid JSON), appends, truncates, unlinks, scratch
-temp files renamed onto state files, and reads; after every step the mount must agree
-with the model, and git must hold one commit per accepted change of a durable file.
+temp files renamed onto state files, renames between state files, writes to a file
+unlinked while open, ftruncate then append on one descriptor, and flushes of a dup'ed
+descriptor while another thread writes; after every step the mount must agree with the
+model, and git must hold one commit per accepted change of a durable file.
 """
 
 import errno
 import json
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 import hypothesis.strategies as st
@@ -133,6 +136,79 @@ class FsModel(RuleBasedStateMachine):
         assert ok
         self._expect_commit(name, self.model.get(name), data)
         self.model[name] = data
+
+    @rule(src=st.sampled_from(STATE[:2]), dst=st.sampled_from(STATE[:2]))
+    def rename_state(self, src, dst):
+        try:
+            os.rename(self.path(src), self.path(dst))
+        except FileNotFoundError:
+            assert src not in self.model
+            return
+        assert src in self.model
+        if src != dst:
+            self.model[dst] = self.model.pop(src)
+            self.commits += 1
+        # The new name answers at once, with the content just moved.
+        assert self.path(dst).read_bytes() == self.model[dst]
+
+    @rule(name=st.sampled_from(STATE), value=values)
+    def write_after_unlink(self, name, value):
+        """exec 3<>f; rm f; write to 3; close 3: the data goes nowhere, f stays deleted."""
+        if name not in self.model:
+            return
+        fd = os.open(self.path(name), os.O_RDWR)
+        try:
+            os.unlink(self.path(name))
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(value).encode(), 0)
+        finally:
+            os.close(fd)
+        self.model.pop(name)
+        if name != "runtime.json":
+            self.commits += 1
+        assert not self.path(name).exists()
+
+    @rule(name=st.sampled_from(STATE), value=values)
+    def ftruncate_then_append(self, name, value):
+        if name not in self.model:
+            return
+        data = json.dumps(value).encode()
+        with open(self.path(name), "r+b") as f:
+            f.truncate(0)
+            f.write(data)
+            f.seek(0, 2)
+            f.write(b"\n")
+        new = data + b"\n"
+        self._expect_commit(name, self.model[name], new)
+        self.model[name] = new
+
+    @rule(name=st.sampled_from(STATE), v1=values, v2=values)
+    def flush_while_writing(self, name, v1, v2):
+        """A dup'ed descriptor is closed (flush commits) while another thread writes the
+        final content through the original: after the last close, the final content is
+        committed, whatever the interleaving (one or two commits)."""
+        d1, d2 = json.dumps(v1).encode(), json.dumps(v2).encode()
+        d2 += b" " * max(0, len(d1) - len(d2))   # one pwrite replaces all of d1: never invalid
+        fd = os.open(self.path(name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        try:
+            os.pwrite(fd, d1, 0)
+            dup = os.dup(fd)
+
+            def late():
+                os.pwrite(fd, d2, 0)
+            t = threading.Thread(target=late)
+            t.start()
+            os.close(dup)
+            t.join()
+        finally:
+            os.close(fd)
+        if name != "runtime.json":
+            before, old = self.m.commit_count(), self.commits
+            assert 0 <= before - old <= 2
+            if d2 != self.model.get(name):
+                assert before > old
+            self.commits = before
+        self.model[name] = d2
 
     @invariant()
     def agrees(self):
