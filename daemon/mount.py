@@ -86,6 +86,7 @@ def prepare_mountpoint(mountpoint: str) -> None:
 async def _serve(ops: AgentFS, sm: StateManager, mountpoint: str, on_ready, notifier=None) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(sm.run_committer)
+        nursery.start_soon(sm.run_flusher)
         nursery.start_soon(sm.run_checkpointer)
         if ops.opts.pack_every > 0:
             nursery.start_soon(sm.run_packer, ops.opts.pack_every, 5.0)

@@ -48,6 +48,7 @@ class StateManager:
         self.commit_latency_ns: list[int] = []
         self.packs = 0
         self.on_publish = lambda group: None   # set by the namespace
+        self._flush_wanted = trio.Event()
 
     async def commit(self, change: Change):
         """Commit ``change`` durably; returns the commit Oid or None (no change)."""
@@ -92,12 +93,18 @@ class StateManager:
                 slot.result = result
                 slot.done.set()
             if group.views:
-                # Behind the acknowledgement: the group's objects as one pack, the ref.
-                # The next group queues meanwhile (and grows).
-                try:
-                    await trio.to_thread.run_sync(self.store.flush_git)
-                except Exception:
-                    log.exception("writing git objects failed (they stay in memory)")
+                self._flush_wanted.set()
+
+    async def run_flusher(self) -> None:
+        """Behind the acknowledgements: acknowledged groups' objects as one pack, and the
+        ref, while the committer already builds the next group."""
+        while True:
+            await self._flush_wanted.wait()
+            self._flush_wanted = trio.Event()
+            try:
+                await trio.to_thread.run_sync(self.store.flush_git)
+            except Exception:
+                log.exception("writing git objects failed (they stay in memory)")
 
     async def run_checkpointer(self) -> None:
         """Checkpoint in the background: bounded journal, bounded replay time."""

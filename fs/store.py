@@ -258,19 +258,37 @@ class Store:
 
     def flush_git(self) -> None:
         """Write the objects of acknowledged groups as one pack and point ``main`` at
-        the head (the committer calls this right after publishing a group, so the
-        repository as git sees it trails the acknowledgement by about a millisecond)."""
+        the head. The state manager's flusher calls this right after each group is
+        published, so the repository as git sees it trails the acknowledgement by about a
+        millisecond. The pack is written without the commit lock: the next group is
+        built meanwhile."""
         with self._commit_lock:
-            self._flush_git()
+            objects = dict(self.git.pending_objects)
+            head = self.git.head
+        try:
+            if objects:
+                mempack.write_pack(self.repo_dir, objects, durable=False)
+        except OSError as exc:
+            # Durable in the journal and readable from memory; the next try writes them.
+            log.error("could not write git objects (%s); they stay in memory until the next try", exc)
+            return
+        with self._commit_lock:
+            for oid in objects:
+                self.git.pending_objects.pop(oid, None)
+            try:
+                if head is not None and head != self.flushed_head:
+                    self.git.write_ref(head)   # recovery never trusts it anyway
+                    self.flushed_head = head
+            except OSError as exc:
+                log.error("could not update branch main on disk (%s); the next try will", exc)
 
     def _flush_git(self) -> None:
         try:
             self.git.flush_objects()
             if self.git.head is not None and self.git.head != self.flushed_head:
-                self.git.write_ref(self.git.head)   # recovery never trusts it anyway
+                self.git.write_ref(self.git.head)
                 self.flushed_head = self.git.head
         except (OSError, pygit2.GitError) as exc:
-            # Durable in the journal and readable from memory; the next try writes them.
             log.error("could not write git objects or branch main (%s); they stay in memory "
                       "until the next try", exc)
 
@@ -286,7 +304,7 @@ class Store:
             return Group([FsError(errno.EROFS, "mounted read-only") for _ in changes], self.git.head, {})
         with self._commit_lock:
             head0 = self.git.head
-            objects0 = len(self.git.pending_objects)
+            self.git.group_objects = []
             results: list = []
             payloads: list[bytes] = []
             made: list[tuple] = []   # (commit oid, change, {file: blob hex}) for the history index
@@ -323,7 +341,7 @@ class Store:
                 # will be: forget it entirely. The ref on disk was not moved.
                 log.error("journal write failed (%s); group of %d change(s) refused", exc, len(payloads))
                 self.git.rewind(head0, views)
-                for oid in list(self.git.pending_objects)[objects0:]:
+                for oid in self.git.group_objects:
                     self.git.pending_objects.pop(oid, None)
                 e = _errno_of(exc, self.repo_dir)
                 err = FsError(e, f"journal write failed: {os.strerror(e)} ({exc})")
@@ -371,3 +389,4 @@ class Store:
                 self.checkpoint()
             finally:
                 self.journal.close()
+                self.git.close()

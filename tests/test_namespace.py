@@ -42,6 +42,7 @@ async def mounted(tmp_path, **opts):
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(sm.run_committer)
+            nursery.start_soon(sm.run_flusher)
             try:
                 yield ns
             finally:
