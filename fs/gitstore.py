@@ -8,6 +8,7 @@ and the journal (``journal.py``) is the durability point.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import hashlib
 import json
@@ -82,6 +83,58 @@ def signature_for(who: ch.Who, time_ns: int) -> tuple[pygit2.Signature, pygit2.S
                               f"uid-{who.uid}@agentstatefs", secs, 0)
     committer = pygit2.Signature(COMMITTER[0], COMMITTER[1], secs, 0)
     return author, committer
+
+
+class _Tree:
+    """A git tree being rewritten: entries in git's order with their encoded bytes, so
+    replacing one entry of a 256-entry fan-out tree re-encodes one entry, not 256."""
+
+    __slots__ = ("info", "keys", "enc")
+    EMPTY: "_Tree"
+
+    def __init__(self, info: dict, keys: list, enc: dict):
+        self.info = info      # name -> (mode, raw oid)
+        self.keys = keys      # sort keys in git's order (a tree's name sorts as "name/")
+        self.enc = enc        # sort key -> encoded entry
+
+    @staticmethod
+    def _key(name: str, mode: int) -> str:
+        return name + "/" if mode == FileMode.TREE else name
+
+    @staticmethod
+    def _encode(name: str, mode: int, raw: bytes) -> bytes:
+        return b"%o %s\x00%s" % (mode, name.encode(), raw)
+
+    @classmethod
+    def build(cls, info: dict) -> "_Tree":
+        enc = {cls._key(n, m): cls._encode(n, m, raw) for n, (m, raw) in info.items()}
+        return cls(dict(info), sorted(enc), enc)
+
+    def with_entry(self, name: str, entry: tuple | None) -> "_Tree":
+        old = self.info.get(name)
+        if old == entry:
+            return self
+        info, enc, keys = dict(self.info), dict(self.enc), self.keys
+        if old is not None:
+            k = self._key(name, old[0])
+            del enc[k]
+            del info[name]
+            if entry is None or self._key(name, entry[0]) != k:
+                keys = [x for x in keys if x != k]
+        if entry is not None:
+            k = self._key(name, entry[0])
+            info[name] = entry
+            enc[k] = self._encode(name, entry[0], entry[1])
+            if old is None or self._key(name, old[0]) != k:
+                keys = list(keys)
+                bisect.insort(keys, k)
+        return _Tree(info, keys, enc)
+
+    def encode(self) -> bytes:
+        return b"".join(map(self.enc.__getitem__, self.keys))
+
+
+_Tree.EMPTY = _Tree({}, [], {})
 
 
 class GitStore:
@@ -365,45 +418,38 @@ class GitStore:
     def _blob(self, data: bytes) -> pygit2.Oid:
         return self._write(ObjectType.BLOB, data)
 
-    def _entries(self, oid: pygit2.Oid | None) -> dict:
-        """A tree as ``{name: (mode, raw oid)}`` (cached by id: trees never change)."""
+    def _entries(self, oid: pygit2.Oid | None) -> "_Tree":
+        """A tree, parsed once and cached by id (trees never change)."""
         if oid is None:
-            return {}
+            return _Tree.EMPTY
         cached = self._tree_cache.get(oid)
         if cached is not None:
             self._tree_cache.move_to_end(oid)
             return cached
-        entries = {e.name: (int(e.filemode), e.id.raw) for e in self.repo[oid]}
-        self._cache_tree(oid, entries)
-        return entries
+        tree = _Tree.build({e.name: (int(e.filemode), e.id.raw) for e in self.repo[oid]})
+        self._cache_tree(oid, tree)
+        return tree
 
-    def _cache_tree(self, oid: pygit2.Oid, entries: dict) -> None:
-        self._tree_cache[oid] = entries
-        while len(self._tree_cache) > 512:
+    def _cache_tree(self, oid: pygit2.Oid, tree: "_Tree") -> None:
+        self._tree_cache[oid] = tree
+        while len(self._tree_cache) > 1024:
             self._tree_cache.popitem(last=False)
 
-    def _tree_write(self, entries: dict) -> pygit2.Oid | None:
-        if not entries:
+    def _tree_write(self, entries) -> pygit2.Oid | None:
+        tree = entries if isinstance(entries, _Tree) else _Tree.build(entries)
+        if not tree.info:
             return None
-        key = lambda n: n + "/" if entries[n][0] == FileMode.TREE else n  # noqa: E731 (git's order)
-        data = b"".join(b"%o %s\x00%s" % (entries[n][0], n.encode(), entries[n][1])
-                        for n in sorted(entries, key=key))
-        oid = self._write(ObjectType.TREE, data)
-        self._cache_tree(oid, entries)
+        oid = self._write(ObjectType.TREE, tree.encode())
+        self._cache_tree(oid, tree)
         return oid
 
     def _replace(self, tree: pygit2.Oid | None, name: str, oid: pygit2.Oid | None,
                  mode: int = FileMode.TREE) -> pygit2.Oid | None:
-        entries = dict(self._entries(tree))
-        if oid is None:
-            entries.pop(name, None)
-        else:
-            entries[name] = (int(mode), oid.raw)
-        return self._tree_write(entries)
+        return self._tree_write(self._entries(tree).with_entry(name, None if oid is None else (int(mode), oid.raw)))
 
     @staticmethod
-    def _child_oid(entries: dict, name: str) -> pygit2.Oid | None:
-        e = entries.get(name)
+    def _child_oid(tree: "_Tree", name: str) -> pygit2.Oid | None:
+        e = tree.info.get(name)
         if e is None or e[0] != FileMode.TREE:
             return None
         return pygit2.Oid(raw=e[1])
@@ -416,14 +462,11 @@ class GitStore:
         l2 = self._child_oid(self._entries(l1), b)
         new_l2 = self._replace(l2, agent, agent_tree)
         new_l1 = self._replace(l1, b, new_l2)
-        entries = dict(root_entries)
-        if FORMAT_NAME not in entries:
-            entries[FORMAT_NAME] = (int(FileMode.BLOB), self._blob(FORMAT_BLOB).raw)
-        if new_l1 is None:
-            entries.pop(a, None)
-        else:
-            entries[a] = (int(FileMode.TREE), new_l1.raw)
-        return self._tree_write(entries)
+        tree = root_entries
+        if FORMAT_NAME not in tree.info:
+            tree = tree.with_entry(FORMAT_NAME, (int(FileMode.BLOB), self._blob(FORMAT_BLOB).raw))
+        tree = tree.with_entry(a, None if new_l1 is None else (int(FileMode.TREE), new_l1.raw))
+        return self._tree_write(tree)
 
     def _commit_write(self, tree: pygit2.Oid, parents: list, author: pygit2.Signature,
                       committer: pygit2.Signature, message: str) -> pygit2.Oid:
