@@ -660,6 +660,10 @@ class Namespace:
                 count, item = await trio.to_thread.run_sync(self.history.entries, key)
             else:
                 count, item = self.history.entries(key)
+                if key[0] == "hist-root":
+                    # Newest first; a listing is capped (history_max), older commits still
+                    # resolve by name (HEAD~N, id, time).
+                    count = min(count, getattr(self.opts, "history_max", count))
             fh = self._fh()
             self.dirs[fh] = _Dir(count, item, keys=True)
             return fh
