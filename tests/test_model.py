@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 
 import hypothesis.strategies as st
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
@@ -37,11 +38,25 @@ def valid(data: bytes) -> bool:
         return False
 
 
+_LIVE: list = []   # every mount made, so none outlives the test even if teardown is skipped
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_mounts():
+    yield
+    while _LIVE:
+        m = _LIVE.pop()
+        m.cleanup()
+        os.system(f"rm -rf {m.base}")
+
+
 class FsModel(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
         self.tmp = tempfile.mkdtemp(prefix="asfs-model-")
-        self.m = Mount(Path(self.tmp)).start()
+        self.m = Mount(Path(self.tmp))
+        _LIVE.append(self.m)
+        self.m.start()
         os.mkdir(self.m / "a1")
         self.model: dict[str, bytes] = {}
         self.commits = self.m.commit_count()
