@@ -20,6 +20,14 @@ def _row_keys() -> list[str]:
     raise AssertionError("ROW_KEYS not found in benchmarks/run.py")
 
 
+def _target_keys() -> list[str]:
+    """The row keys of TARGETS (issue 9's target table) in benchmarks/run.py."""
+    for node in ast.parse(RUN.read_text()).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "TARGETS" for t in node.targets):
+            return [k for k, _ in ast.literal_eval(node.value)]
+    raise AssertionError("TARGETS not found in benchmarks/run.py")
+
+
 def test_quick_benchmark_suite_completes(tmp_path):
     r = subprocess.run([sys.executable, str(RUN), "--quick", "--dir", str(tmp_path)],
                        capture_output=True, text=True, timeout=600, cwd=ROOT)
@@ -31,9 +39,15 @@ def test_quick_benchmark_suite_completes(tmp_path):
         row = [ln for ln in lines if ln.split(" ", 1)[0] == key]
         assert row, f"row {key} missing from:\n{r.stdout}"
         assert "(not run)" not in row[0], row[0]
-    for status_row in ("durable_write_1", "durable_write_16", "hot_read", "commit_large"):
+    for status_row in _target_keys():
         assert any(s in next(ln for ln in lines if ln.startswith(status_row + " "))
                    for s in ("met", "not met")), status_row
+    # Every row of issue 9's target table is printed with met / not met.
+    targets = r.stdout.split("\nissue 9 targets:\n", 1)
+    assert len(targets) == 2, f"no target list printed:\n{r.stdout}"
+    listed = [ln for ln in targets[1].splitlines() if ln.startswith("  [")]
+    assert len(listed) == len(_target_keys()), listed
+    assert all(ln.startswith(("  [met]", "  [not met]")) for ln in listed), listed
     # Nothing left mounted under the temp dir.
     mounts = Path("/proc/self/mounts").read_text()
     assert str(tmp_path) not in mounts
