@@ -233,7 +233,8 @@ class GitStore:
                         self._agents.discard(agent)
                     else:
                         self._agents.add(agent)
-            self._agents_delta.update(views)
+            if self._agents is None:
+                self._agents_delta.update(views)   # replayed onto a walk in progress
 
     # -- reading ----------------------------------------------------------------
     def write_ref(self, oid: pygit2.Oid) -> None:
@@ -567,7 +568,11 @@ class GitStore:
             oid = self._blob(data) if name not in files or pygit2.hash(data) != files[name] else files[name]
             prev = fmeta.get(name) or {}
             attrs = change.attrs.get(name, {})
-            if files.get(name) == oid and all(prev.get(k) == v for k, v in attrs.items() if k != "mtime_ns"):
+            # Same bytes and metadata: no new version. A rename onto the name with the same
+            # content (temp file + rename) keeps the file's identity then; only a move
+            # between state names carries its identity along (the kernel's dentry moves).
+            ignored = ("mtime_ns",) if change.op in (ch.RENAME, ch.EXCHANGE) else ("mtime_ns", "fid")
+            if files.get(name) == oid and all(prev.get(k) == v for k, v in attrs.items() if k not in ignored):
                 continue
             versions[name] = versions.get(name, 0) + 1
             fmeta[name] = {

@@ -1020,8 +1020,11 @@ class Namespace:
                                           replace=True)
             else:
                 result = await self._save(dagent, new, data, caller.who(), attrs=attrs)
-                if result is None:
-                    self.inodes.bind(node.ino, ("state", dagent, new))
+            if result is None:
+                # Nothing changed (same bytes and metadata): the file keeps its identity,
+                # but the kernel now maps the name to the scratch inode: let it answer
+                # as the state file until the kernel forgets it.
+                self.inodes.bind(node.ino, ("state", dagent, new))
             # re-check: the scratch name may have been unlinked or re-created meanwhile;
             # remove it only if it still names the node we committed.
             if sdir.children.get(old) is node:

@@ -243,8 +243,10 @@ class Store:
             attrs["fid"] = want
         op, note = c.op, c.note
         blob = str(pygit2.hash(data))
-        if name in view.files and str(view.files[name]) == blob and not attrs:
-            return None
+        if name in view.files and str(view.files[name]) == blob:
+            fm = view.file_meta(name) or {}
+            if all(fm.get(k) == v for k, v in attrs.items() if k not in ("fid", "mtime_ns")):
+                return None      # same bytes and metadata: no new version
         if op == ch.WRITE and (name not in view.files or str(view.files[name]) != blob):
             past = self.history.past_version(c.agent, name, blob)
             if past is not None:

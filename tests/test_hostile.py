@@ -718,6 +718,41 @@ def test_many_readers_of_a_big_file_keep_memory_bounded(mounts):
     assert_serving(m)
 
 
+def test_many_writers_are_capped_by_buffer_max(mounts):
+    """Defect 12: 20 writers each holding 16 MiB of uncommitted buffer are capped by
+    buffer_max (ENOSPC for the writes past it), not an OOM; closing frees the space."""
+    m = mounts().start("buffer_max=64M")
+    os.mkdir(m / "a1")
+    time.sleep(0.3)
+    base = rss_kib(m.proc.pid)
+    chunk = b" " * MIB
+    fds, refused = [], 0
+    try:
+        for i in range(20):
+            fd = os.open(m / "a1/memory.json", os.O_WRONLY | os.O_CREAT)
+            fds.append(fd)
+            try:
+                for j in range(15):
+                    os.pwrite(fd, chunk, j * MIB)
+            except OSError as e:
+                assert e.errno == errno.ENOSPC, e
+                refused += 1
+        peak = rss_kib(m.proc.pid)
+    finally:
+        for fd in fds:
+            try:
+                os.close(fd)   # all-blank buffers are not JSON: EINVAL, nothing committed
+            except OSError:
+                pass
+    grow_mb = (peak - base) / 1024
+    print(f"\n20 writers x 15 MiB, buffer_max=64M: daemon RSS {base / 1024:.0f} MB -> "
+          f"{peak / 1024:.0f} MB (+{grow_mb:.0f} MB), {refused} writers got ENOSPC")
+    assert refused >= 15
+    assert grow_mb < 200
+    write(m / "a1/memory.json", b'{"after": 1}')   # the space came back
+    assert_serving(m)
+
+
 def test_history_listings_keep_memory_bounded(mounts):
     """Defect 12: listing @history/HEAD~N for N=0..199 grows the daemon by < 100 MB."""
     m = mounts().start()

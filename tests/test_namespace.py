@@ -373,3 +373,17 @@ def test_file_being_created_survives_other_commits_of_its_agent(tmp_path):
         await ns.release(h.fh)
         assert await read_file(ns, d, "memory.json") == b'{"m": 1}'
     run(tmp_path, body)
+
+
+def test_temp_rename_of_identical_content_makes_no_commit(tmp_path):
+    """Same bytes via temp file + rename: no new version, and the name still answers."""
+    async def body(ns):
+        d = await agent(ns)
+        await write_file(ns, d, "config.json", b'{"v": 1}')
+        n = ns.store.commits
+        await write_file(ns, d, "t", b'{"v": 1}')
+        await ns.rename(d, "t", d, "config.json", 0, ALICE)
+        assert ns.store.commits == n
+        assert await read_file(ns, d, "config.json") == b'{"v": 1}'
+        assert (await ns.lookup(d, "config.json", ALICE)).size == 8
+    run(tmp_path, body)
