@@ -272,6 +272,8 @@ class Namespace:
         gen = self.inodes.generation(ino)
         if kind.startswith("hist-"):
             return self.history.attr(ino, key)
+        if kind == "orphan-pending":
+            raise FsError(errno.ENOENT, "file was removed")
         if kind == "orphan":
             if key[1] is None:
                 raise FsError(errno.ENOENT, "file was removed")
@@ -501,7 +503,7 @@ class Namespace:
         kind = key[0]
         if kind.startswith("hist-"):
             raise FsError(errno.EROFS, "history is read-only")
-        if kind == "orphan":
+        if kind in ("orphan", "orphan-pending"):
             h = self.handles.get(fh) if fh else None
             if h is None:
                 raise FsError(errno.ENOENT, "file was removed")
@@ -753,7 +755,9 @@ class Namespace:
             h = Handle(fh, ino, "history", flags=flags, snapshot=self.history.content(key))
             self._add_handle(h)
             return h
-        if key[0] == "orphan":
+        if key[0] == "orphan-pending" and writable:
+            key = self._recreate_pending(ino, key[1], key[2], caller)
+        if key[0] in ("orphan", "orphan-pending"):
             raise FsError(errno.ENOENT, "file was removed")
         if key[0] != "state":
             raise FsError(errno.EISDIR, "is a directory")
@@ -778,6 +782,17 @@ class Namespace:
                 self._touch(h)
         self._add_handle(h)
         return h
+
+    def _recreate_pending(self, ino: int, agent: str, name: str, caller: Caller) -> tuple:
+        """An open for writing of a name whose file was created and dropped unwritten a
+        moment ago (the kernel still maps the name to it): create it again, same inode."""
+        if self.git.agent(agent) is None or self._exists_state(agent, name):
+            return ("orphan",)
+        self.pending[(agent, name)] = PendingFile(ino, 0o644 & ~caller.umask, caller.uid, caller.gid,
+                                                  time.time_ns())
+        key = ("state", agent, name)
+        self.inodes.bind(ino, key)
+        return key
 
     async def create(self, parent: int, name: str, mode: int, flags: int, caller: Caller) -> tuple[Handle, Attr]:
         where, agent, sdir = self._parent_dir(parent)
@@ -932,7 +947,10 @@ class Namespace:
             if p.creators <= 0:
                 del self.pending[(h.agent, h.name)]
                 if not self._committed(h.agent, h.name):
-                    self.inodes.retire(h.ino)
+                    # Created, never validly written: the name goes away (a state file
+                    # exists once written). The kernel may still map the name to this
+                    # inode for a moment: an open for writing through it creates anew.
+                    self.inodes.retire(h.ino, ("orphan-pending", h.agent, h.name))
                     agent_ino = self.inodes.peek(("agent", h.agent))
                     if agent_ino is not None:
                         self.kernel.invalidate_entry(agent_ino, h.name)

@@ -387,3 +387,22 @@ def test_temp_rename_of_identical_content_makes_no_commit(tmp_path):
         assert await read_file(ns, d, "config.json") == b'{"v": 1}'
         assert (await ns.lookup(d, "config.json", ALICE)).size == 8
     run(tmp_path, body)
+
+
+def test_open_through_a_dropped_unwritten_file_creates_it_again(tmp_path):
+    """A created file closed without valid content vanishes; the kernel may still map the
+    name to its inode for a moment, and an open for writing through it creates anew."""
+    async def body(ns):
+        d = await agent(ns)
+        h, attr = await ns.create(d, "memory.json", 0o644, os.O_WRONLY | os.O_CREAT, ALICE)
+        await ns.release(h.fh)
+        with pytest.raises(FsError):
+            await ns.getattr(attr.ino, ALICE)
+        with pytest.raises(FsError):
+            await ns.open(attr.ino, os.O_RDONLY, ALICE)
+        h = await ns.open(attr.ino, os.O_WRONLY | os.O_TRUNC, ALICE)
+        await ns.write(h.fh, 0, b'{"m": 2}')
+        await ns.flush(h.fh)
+        await ns.release(h.fh)
+        assert await read_file(ns, d, "memory.json") == b'{"m": 2}'
+    run(tmp_path, body)
