@@ -91,6 +91,8 @@ class Store:
         self.last_checkpoint = time.monotonic()
         self.journal: Journal | None = None
         self.flushed_head = None     # what refs/heads/main on disk names
+        self._serial = 0             # counts head moves; the ref only ever moves forward
+        self._flushed_serial = 0
         self._cp = self._read_checkpoint()
         if not readonly:
             if not os.access(self.repo_dir, os.W_OK) or not os.access(os.path.join(self.repo_dir, "objects"), os.W_OK):
@@ -266,7 +268,7 @@ class Store:
         built meanwhile."""
         with self._commit_lock:
             objects = dict(self.git.pending_objects)
-            head = self.git.head
+            head, serial = self.git.head, self._serial
         try:
             if objects:
                 mempack.write_pack(self.repo_dir, objects, durable=False)
@@ -278,18 +280,18 @@ class Store:
             for oid in objects:
                 self.git.pending_objects.pop(oid, None)
             try:
-                if head is not None and head != self.flushed_head:
+                if head is not None and serial > self._flushed_serial:
                     self.git.write_ref(head)   # recovery never trusts it anyway
-                    self.flushed_head = head
+                    self.flushed_head, self._flushed_serial = head, serial
             except OSError as exc:
                 log.error("could not update branch main on disk (%s); the next try will", exc)
 
     def _flush_git(self) -> None:
         try:
             self.git.flush_objects()
-            if self.git.head is not None and self.git.head != self.flushed_head:
+            if self.git.head is not None and self._serial > self._flushed_serial:
                 self.git.write_ref(self.git.head)
-                self.flushed_head = self.git.head
+                self.flushed_head, self._flushed_serial = self.git.head, self._serial
         except (OSError, pygit2.GitError) as exc:
             log.error("could not write git objects or branch main (%s); they stay in memory "
                       "until the next try", exc)
@@ -353,6 +355,7 @@ class Store:
             if flush:
                 self._flush_git()
             self.commits += len(payloads)
+            self._serial += 1
             self.groups += 1
             for oid, change, files in made:
                 self.history.append(self.git.repo[oid], change.agent, change.op, files)
@@ -377,7 +380,7 @@ class Store:
                 self.journal.bytes_since_checkpoint = 0
                 if head is not None:
                     self.git.write_ref(head)
-                    self.flushed_head = head
+                    self.flushed_head, self._flushed_serial = head, self._serial
             syncfs(self.repo_dir)
             self._write_checkpoint(head, seq)
             self.journal.drop_through(seq)
