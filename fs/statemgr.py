@@ -49,6 +49,7 @@ class StateManager:
         self.packs = 0
         self.on_publish = lambda group: None   # set by the namespace
         self._flush_wanted = trio.Event()
+        self.flush_delay = 0.05      # seconds the repository as git may trail the journal
 
     async def commit(self, change: Change):
         """Commit ``change`` durably; returns the commit Oid or None (no change)."""
@@ -100,6 +101,11 @@ class StateManager:
         ref, while the committer already builds the next group."""
         while True:
             await self._flush_wanted.wait()
+            # Coalesce: one pack for every group acknowledged in the next moment. Creating
+            # files between two journal fdatasyncs makes each of those slower (ext4
+            # commits their metadata with it), so a steady writer pays this once per
+            # flush_delay, not once per group.
+            await trio.sleep(self.flush_delay)
             self._flush_wanted = trio.Event()
             try:
                 await trio.to_thread.run_sync(self.store.flush_git)
