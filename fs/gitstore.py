@@ -433,7 +433,7 @@ class GitStore:
 
     def _cache_tree(self, oid: pygit2.Oid, tree: "_Tree") -> None:
         self._tree_cache[oid] = tree
-        while len(self._tree_cache) > 1024:
+        while len(self._tree_cache) > 4096:
             self._tree_cache.popitem(last=False)
 
     def _tree_write(self, entries) -> pygit2.Oid | None:

@@ -40,21 +40,27 @@ class MemoryObjects(pygit2.OdbBackend):
         t, data = self.objects[oid]
         return t, len(data)
 
-    def read_prefix_cb(self, prefix):
+    def _match(self, prefix: str):
+        if len(prefix) == 40:                 # libgit2 asks with full ids too: no scan
+            oid = pygit2.Oid(hex=prefix)
+            if oid in self.objects:
+                return oid
+            raise KeyError(prefix)
         matches = [o for o in list(self.objects) if str(o).startswith(prefix)]
         if len(matches) != 1:
             raise KeyError(prefix) if not matches else ValueError(prefix)
-        t, data = self.objects[matches[0]]
-        return t, data, matches[0]
+        return matches[0]
+
+    def read_prefix_cb(self, prefix):
+        oid = self._match(prefix)
+        t, data = self.objects[oid]
+        return t, data, oid
 
     def exists_cb(self, oid):
         return oid in self.objects
 
     def exists_prefix_cb(self, prefix):
-        matches = [o for o in list(self.objects) if str(o).startswith(prefix)]
-        if len(matches) != 1:
-            raise KeyError(prefix) if not matches else ValueError(prefix)
-        return matches[0]
+        return self._match(prefix)
 
     def write_cb(self, oid, data, t):
         self.objects[oid] = (t, bytes(data))
