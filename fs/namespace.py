@@ -315,11 +315,14 @@ class Namespace:
         raise FsError(errno.ENOENT, f"unknown inode {ino}")
 
     def _listing_attr(self, ino: int) -> Attr:
-        """Attributes for readdir. An agent not in the cache is not loaded just to be
-        listed (``ls`` of 100,000 agents): it gets directory attributes the kernel must
-        not cache (timeouts 0), so ``stat``/``ls -l`` still ask getattr for the truth."""
+        """Attributes for readdir. An agent not in the cache (or an agent at a past
+        commit) is not loaded just to be listed (``ls`` of 100,000 agents): it gets
+        directory attributes the kernel must not cache (timeouts 0), so ``stat``/``ls -l``
+        still ask getattr for the truth."""
         key = self.inodes.key(ino)
-        if key[0] == "agent" and self.git.cached_agent(key[1]) is None:
+        if (key[0] == "agent" and self.git.cached_agent(key[1]) is None) or key[0] == "hist-agent":
+            # Listing every agent at a past commit would otherwise read each one's tree
+            # and meta.json (100,000 agents: minutes).
             return Attr(ino, stat.S_IFDIR | 0o755, 2, 0, 0, 0, self.mount_ns, timeout=0)
         return self._attr(ino)
 
