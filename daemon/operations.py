@@ -22,7 +22,8 @@ from ..fs.names import decode_name
 
 log = logging.getLogger("agentstatefs")
 
-_QUIET = {errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.ENODATA, errno.ENOTSUP, errno.EXDEV}
+# ESTALE: a compare-and-swap that lost a race, an expected outcome (the caller retries).
+_QUIET = {errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.ENODATA, errno.ENOTSUP, errno.EXDEV, errno.ESTALE}
 
 
 def _ctx_text(args) -> str:

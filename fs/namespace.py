@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import trio
 
 from . import changes as ch
-from .changes import Change, Who
+from .changes import Change, Who, safe_text
 from .errors import FsError
 from .handles import Handle
 from .history import iso as history_iso
@@ -51,6 +51,16 @@ XATTR_VALUE_MAX = 65536
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 RENAME_WHITEOUT = 4
+IF_VERSION = "user.agentstatefs.if-version"    # compare-and-swap condition on a scratch file
+
+
+def parse_if_version(value: bytes) -> int:
+    """The version a compare-and-swap expects: a decimal counter, 0 = "must not exist"."""
+    text = bytes(value).strip().decode("ascii", "replace")
+    if not text.isdigit() or len(text) > 18:
+        raise FsError(errno.EINVAL, f"{IF_VERSION} must be a version number (0 = the file must not "
+                                    f"exist yet), not {safe_text(text, 40)!r}")
+    return int(text)
 
 
 @dataclass
@@ -392,9 +402,12 @@ class Namespace:
 
     async def _save(self, agent: str, name: str, data: bytes, who: Who, *, attrs: dict | None = None,
                     fid: int | None = None, create: bool = False, replace: bool = False,
-                    rtfile=None):
+                    rtfile=None, expect: int | None = None):
         """Validate and store new content of a state file (durable: an intent for the
-        committer; runtime: RAM). Returns the store's result (ORPHAN: went nowhere)."""
+        committer; runtime: RAM). Returns the store's result (ORPHAN: went nowhere).
+
+        ``expect`` is compare-and-swap: ESTALE unless the file's version is that number
+        (0: it must not exist), checked by the store atomically with the commit."""
         await self._validate(agent, name, data)
         # re-check: the agent may have been removed while we validated.
         self._agent_view(agent)
@@ -402,6 +415,11 @@ class Namespace:
             cur = self.runtime.get(agent)
             if rtfile is not None and cur is not rtfile:
                 return ch.ORPHAN       # runtime.json was removed after this handle opened it
+            if expect is not None:
+                # No await between this check and the put: atomic on the trio thread.
+                have = cur.current.version if cur is not None else 0
+                if have != expect:
+                    raise FsError(errno.ESTALE, f"{agent}/{name} is at version {have}, not {expect}")
             mode = (attrs or {}).get("mode", 0o644)
             self.runtime.put(agent, data, who, time.time_ns(), mode=mode)
             ino = self.inodes.stable(("state", agent, name))
@@ -409,7 +427,8 @@ class Namespace:
             return None
         change = Change(ch.WRITE, agent, who, time.time_ns(), files={name: data},
                         attrs={name: attrs} if attrs else {},
-                        fids={name: fid} if fid is not None else {}, create=create, replace=replace)
+                        fids={name: fid} if fid is not None else {}, create=create, replace=replace,
+                        expect_version={name: expect} if expect is not None else {})
         return await self._commit(change)
 
     # -- shared version bytes and write buffers ----------------------------------------------
@@ -1036,11 +1055,13 @@ class Namespace:
                 raise FsError(errno.EISDIR, f"{old} is a directory; {new} is a state file")
             attrs = {"mode": stat.S_IMODE(node.mode), "uid": node.uid, "gid": node.gid}
             data = bytes(node.data)
+            cond = node.xattrs.get(IF_VERSION)
+            expect = parse_if_version(cond) if cond is not None else None
             if is_durable(new):
                 result = await self._save(dagent, new, data, caller.who(), attrs=attrs, fid=node.ino,
-                                          replace=True)
+                                          replace=True, expect=expect)
             else:
-                result = await self._save(dagent, new, data, caller.who(), attrs=attrs)
+                result = await self._save(dagent, new, data, caller.who(), attrs=attrs, expect=expect)
             if result is None:
                 # Nothing changed (same bytes and metadata): the file keeps its identity,
                 # but the kernel now maps the name to the scratch inode: let it answer
@@ -1162,7 +1183,12 @@ class Namespace:
         if key[0].startswith("hist-"):
             raise FsError(errno.EROFS, "history is read-only")
         if key[0] != "scratch":
+            if name == IF_VERSION and key[0] == "state":
+                raise FsError(errno.EINVAL, f"{key[1]}/{key[2]}: {IF_VERSION} goes on a scratch file that is "
+                                            f"then renamed onto the state file (compare-and-swap)")
             raise FsError(errno.ENOTSUP, "extended attributes can only be set on scratch files")
+        if name == IF_VERSION:
+            parse_if_version(value)
         if len(name.encode()) > XATTR_NAME_MAX:
             raise FsError(errno.ERANGE, "attribute name too long")
         if len(value) > XATTR_VALUE_MAX:
