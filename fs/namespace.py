@@ -38,6 +38,7 @@ from .historyview import HistoryView
 from .inodes import ROOT, InodeTable
 from .names import (DURABLE_FILES, HISTORY_DIR, RUNTIME_FILE, check_agent_id, is_durable,
                     is_reserved, is_state)
+from .rejected import LAST_ERROR, REJECTED_DIR, Rejections
 from .runtime import RuntimeLayer
 from .scratch import ScratchNode, ScratchSpace, new_ino
 from .validate import check_json, check_size
@@ -140,6 +141,7 @@ class Namespace:
         self.inodes = InodeTable()
         self.runtime = RuntimeLayer(options.runtime_versions)
         self.scratch = ScratchSpace(options.scratch_max)
+        self.rejected = Rejections(self.scratch, options.max_size)
         self.buffer_max = getattr(options, "buffer_max", 256 << 20)
         self.buffer_bytes = 0
         self.agent_scratch: dict[str, ScratchNode] = {}
@@ -177,6 +179,7 @@ class Namespace:
                 s = self.agent_scratch.pop(agent, None)
                 if s is not None:
                     self.scratch.release_tree(s)
+                self.rejected.drop_agent(agent)
             elif ino is not None:
                 self.kernel.invalidate_attr(ino)
 
@@ -284,6 +287,16 @@ class Namespace:
             return self.history.attr(ino, key)
         if kind == "orphan-pending":
             raise FsError(errno.ENOENT, "file was removed")
+        if kind == "rejected-dir":
+            m = self._agent_view(key[1]).meta
+            return Attr(ino, stat.S_IFDIR | (m.get("mode", 0o755) & 0o555), 2, m.get("uid", 0), m.get("gid", 0),
+                        0, self.mount_ns, generation=gen)
+        if kind == "rejected":
+            e = self.rejected.get(key[1], key[2])
+            if e is None:
+                raise FsError(errno.ENOENT, f"{key[1]}/{REJECTED_DIR}/{key[2]}: no refused write")
+            return Attr(ino, stat.S_IFREG | 0o440, 1, e.who.uid, e.who.gid, len(e.data), e.time_ns,
+                        generation=gen)
         if kind == "orphan":
             if key[1] is None:
                 raise FsError(errno.ENOENT, "file was removed")
@@ -343,6 +356,13 @@ class Namespace:
         kind = key[0]
         if kind.startswith("hist-"):
             return self.history.child(key, name)
+        if kind == "rejected-dir":
+            if not is_state(name) or self.rejected.get(key[1], name) is None:
+                raise FsError(errno.ENOENT, f"{key[1]}/{REJECTED_DIR}/{name}: no refused write")
+            return self.inodes.stable(("rejected", key[1], name)), None
+        if name == REJECTED_DIR and kind == "agent":
+            self._agent_view(key[1])
+            return self.inodes.stable(("rejected-dir", key[1])), None
         if name == HISTORY_DIR and kind in ("root", "agent"):
             if kind == "agent":
                 self._agent_view(key[1])
@@ -374,6 +394,8 @@ class Namespace:
         key = self.inodes.key(parent)
         if key[0].startswith("hist-"):
             raise FsError(errno.EROFS, "history is read-only")
+        if key[0] == "rejected-dir":
+            raise FsError(errno.EROFS, f"{REJECTED_DIR} is read-only")
         if key[0] == "root":
             return "root", None, None
         if key[0] == "agent":
@@ -402,13 +424,19 @@ class Namespace:
 
     async def _save(self, agent: str, name: str, data: bytes, who: Who, *, attrs: dict | None = None,
                     fid: int | None = None, create: bool = False, replace: bool = False,
-                    rtfile=None, expect: int | None = None):
+                    rtfile=None, expect: int | None = None, origin: int | None = None):
         """Validate and store new content of a state file (durable: an intent for the
         committer; runtime: RAM). Returns the store's result (ORPHAN: went nowhere).
 
         ``expect`` is compare-and-swap: ESTALE unless the file's version is that number
-        (0: it must not exist), checked by the store atomically with the commit."""
-        await self._validate(agent, name, data)
+        (0: it must not exist), checked by the store atomically with the commit.
+        Refused content is kept in ``@rejected`` (provisionally when ``origin``, the
+        handle whose close this is, may still commit later)."""
+        try:
+            await self._validate(agent, name, data)
+        except FsError as exc:
+            self._reject(agent, name, data, who, exc, origin)
+            raise
         # re-check: the agent may have been removed while we validated.
         self._agent_view(agent)
         if name == RUNTIME_FILE:
@@ -430,6 +458,18 @@ class Namespace:
                         fids={name: fid} if fid is not None else {}, create=create, replace=replace,
                         expect_version={name: expect} if expect is not None else {})
         return await self._commit(change)
+
+    def _reject(self, agent: str, name: str, data: bytes, who: Who, exc: FsError, origin: int | None) -> None:
+        """A refused write of ``agent/name``: keep it in ``@rejected`` (RAM)."""
+        self.rejected.record(agent, name, data, exc, who, time.time_ns(), fh=origin)
+        ino = self.inodes.peek(("rejected", agent, name))
+        if ino is not None:
+            self.kernel.invalidate_attr(ino)
+        if origin is None:
+            self._rejected_final(agent, name, self.rejected.get(agent, name))
+
+    def _rejected_final(self, agent: str, name: str, e) -> None:
+        """A refusal that stands (hook for the change stream)."""
 
     # -- shared version bytes and write buffers ----------------------------------------------
     async def _acquire(self, agent: str, name: str) -> tuple[bytes, object, object]:
@@ -525,6 +565,8 @@ class Namespace:
         kind = key[0]
         if kind.startswith("hist-"):
             raise FsError(errno.EROFS, "history is read-only")
+        if kind in ("rejected-dir", "rejected"):
+            raise FsError(errno.EROFS, f"{REJECTED_DIR} is read-only")
         if kind in ("orphan", "orphan-pending"):
             h = self.handles.get(fh) if fh else None
             if h is None:
@@ -651,8 +693,8 @@ class Namespace:
 
     async def rmdir(self, parent: int, name: str, caller: Caller) -> None:
         where, agent, sdir = self._parent_dir(parent)
-        if name == HISTORY_DIR:
-            raise FsError(errno.EROFS, "history is read-only")
+        if name in (HISTORY_DIR, REJECTED_DIR):
+            raise FsError(errno.EROFS, f"{name} is read-only")
         if where == "root":
             if is_reserved(name):
                 raise FsError(errno.EPERM, f"{name} is reserved")
@@ -692,7 +734,9 @@ class Namespace:
             self.dirs[fh] = _Dir(count, item, keys=True)
             return fh
         entries: list[tuple[str, object]] = []
-        if key[0] == "root":
+        if key[0] == "rejected-dir":
+            entries = [(n, ("rejected", key[1], n)) for n in self.rejected.names(key[1])]
+        elif key[0] == "root":
             if not self.git.agents_loaded():
                 await trio.to_thread.run_sync(self.git.agents)
             entries = [(a, ("agent", a)) for a in sorted(self.git.agents())]
@@ -769,6 +813,15 @@ class Namespace:
                 self.scratch.resize(node, 0)
             h = Handle(fh, ino, "scratch", node=node, flags=flags)
             self.scratch.opened(node)
+            self._add_handle(h)
+            return h
+        if key[0] == "rejected":
+            if writable or flags & os.O_TRUNC:
+                raise FsError(errno.EROFS, f"{REJECTED_DIR} is read-only")
+            e = self.rejected.get(key[1], key[2])
+            if e is None:
+                raise FsError(errno.ENOENT, f"{key[1]}/{REJECTED_DIR}/{key[2]}: no refused write")
+            h = Handle(fh, ino, "rejected", flags=flags, snapshot=e.data)
             self._add_handle(h)
             return h
         if key[0] in ("hist-file", "hist-rt"):
@@ -881,8 +934,8 @@ class Namespace:
             if h.append:
                 off = len(h.node.data)
             return self.scratch.write(h.node, off, buf)
-        if h.kind == "history":
-            raise FsError(errno.EBADF, "history is read-only")
+        if h.kind in ("history", "rejected"):
+            raise FsError(errno.EBADF, "read-only file")
         data = self._ensure_buffer(h)
         if h.append:
             off = len(data)
@@ -902,7 +955,7 @@ class Namespace:
         (a later flush of a dup'ed descriptor may succeed); writes that arrive while
         the commit is in flight are committed by the next round of the loop."""
         h = self.handles.get(fh)
-        if h is None or h.kind in ("scratch", "history"):
+        if h is None or h.kind in ("scratch", "history", "rejected"):
             return
         while h.dirty and not h.orphan:
             gen = h.gen
@@ -913,7 +966,8 @@ class Namespace:
                 attrs = {"mode": p.mode, "uid": p.uid, "gid": p.gid}
             try:
                 result = await self._save(h.agent, h.name, data, h.who, attrs=attrs, fid=h.fid,
-                                          create=h.created, rtfile=h.rtfile if not h.created else None)
+                                          create=h.created, rtfile=h.rtfile if not h.created else None,
+                                          origin=h.fh)
             except FsError as exc:
                 h.last_error = exc
                 raise
@@ -922,6 +976,7 @@ class Namespace:
                 h.orphan = True
                 break
             h.last_error = None
+            self.rejected.settle(h.agent, h.name, h.fh, committed=True)
             if h.created and p is not None and self.pending.get((h.agent, h.name)) is p \
                     and self._committed(h.agent, h.name):
                 del self.pending[(h.agent, h.name)]
@@ -955,13 +1010,16 @@ class Namespace:
             return
         if h.blob is not None:
             self._unshare(h.blob)
-        if h.kind == "history":
+        if h.kind in ("history", "rejected"):
             return
         if h.dirty and not h.orphan:
             reason = h.last_error.reason if h.last_error else "closed without a successful flush"
             reason = reason.removeprefix(f"{h.agent}/{h.name}: ")
             log.warning("%s/%s: not committed (%s); previous version kept (pid %d %s, uid %d)",
                         h.agent, h.name, reason, h.who.pid, h.who.comm, h.who.uid)
+        e = self.rejected.settle(h.agent, h.name, h.fh, committed=False)
+        if e is not None:
+            self._rejected_final(h.agent, h.name, e)
         self._drop_buffer(h)
         p = self.pending.get((h.agent, h.name))
         if h.created and p is not None and p.fid == h.ino:
@@ -980,8 +1038,8 @@ class Namespace:
     # -- names -------------------------------------------------------------------------------
     async def unlink(self, parent: int, name: str, caller: Caller) -> None:
         where, agent, sdir = self._parent_dir(parent)
-        if name == HISTORY_DIR:
-            raise FsError(errno.EROFS, "history is read-only")
+        if name in (HISTORY_DIR, REJECTED_DIR):
+            raise FsError(errno.EROFS, f"{name} is read-only")
         if where == "root":
             raise FsError(errno.EISDIR if self.git.agent(name) is not None else errno.ENOENT,
                           f"{name} is an agent directory (use rmdir / rm -r)")
@@ -1130,17 +1188,24 @@ class Namespace:
         raise FsError(errno.EPERM, "symbolic links are not supported")
 
     # -- xattrs ------------------------------------------------------------------------------
+    def _rejected_xattrs(self, agent: str, name: str) -> dict[str, bytes]:
+        e = self.rejected.get(agent, name)
+        return {LAST_ERROR: e.last_error()} if e is not None else {}
+
     def _state_xattrs(self, agent: str, name: str) -> dict[str, bytes]:
         if name == RUNTIME_FILE:
             rf = self.runtime.get(agent)
             if rf is None:
                 return {}
             return {"user.agentstatefs.version": str(rf.current.version).encode(),
-                    "user.agentstatefs.time": history_iso(rf.current.time_ns / 1e9).encode()}
+                    "user.agentstatefs.time": history_iso(rf.current.time_ns / 1e9).encode(),
+                    **self._rejected_xattrs(agent, name)}
         view = self.git.agent(agent)
         fm = view.file_meta(name) if view is not None and name in view.files else None
         last = self.store.history.last_change(agent, name)
-        return self.history.file_xattrs(agent, name, fm, last.commit if last else None)
+        out = self.history.file_xattrs(agent, name, fm, last.commit if last else None)
+        out.update(self._rejected_xattrs(agent, name))
+        return out
 
     async def getxattr(self, ino: int, name: str, caller: Caller) -> bytes:
         key = self.inodes.key(ino)
@@ -1152,6 +1217,8 @@ class Namespace:
             value = self.history.xattrs(key).get(name)
         elif key[0] == "state":
             value = self._state_xattrs(key[1], key[2]).get(name)
+        elif key[0] == "rejected":
+            value = self._rejected_xattrs(key[1], key[2]).get(name)
         else:
             value = None
         if value is None:
@@ -1174,14 +1241,17 @@ class Namespace:
             return list(key[1].xattrs)
         if key[0] == "state":
             return list(self._state_xattrs(key[1], key[2]))
+        if key[0] == "rejected":
+            return list(self._rejected_xattrs(key[1], key[2]))
         if key[0].startswith("hist-"):
             return list(self.history.xattrs(key))
         return []
 
     async def setxattr(self, ino: int, name: str, value: bytes, caller: Caller) -> None:
         key = self.inodes.key(ino)
-        if key[0].startswith("hist-"):
-            raise FsError(errno.EROFS, "history is read-only")
+        if key[0].startswith("hist-") or key[0] in ("rejected-dir", "rejected"):
+            raise FsError(errno.EROFS, "history is read-only" if key[0].startswith("hist-")
+                          else f"{REJECTED_DIR} is read-only")
         if key[0] != "scratch":
             if name == IF_VERSION and key[0] == "state":
                 raise FsError(errno.EINVAL, f"{key[1]}/{key[2]}: {IF_VERSION} goes on a scratch file that is "

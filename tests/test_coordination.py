@@ -98,3 +98,118 @@ def test_if_version_xattr_checked(tmp_path):
         await ns.setxattr(ino, IF_VERSION, b"1\n", ALICE)
         assert await ns.getxattr(ino, IF_VERSION, ALICE) == b"1\n"
     run(tmp_path, body)
+
+
+async def rejected(ns, d, name):
+    dino = (await ns.lookup(d, "@rejected", ALICE)).ino
+    try:
+        attr = await ns.lookup(dino, name, ALICE)
+    except FsError as exc:
+        assert exc.errno == errno.ENOENT
+        return None, None
+    h = await ns.open(attr.ino, os.O_RDONLY, ALICE)
+    try:
+        data = await ns.read(h.fh, 0, 1 << 20)
+    finally:
+        await ns.release(h.fh)
+    return data, (await ns.getxattr(attr.ino, "user.agentstatefs.last-error", ALICE)).decode()
+
+
+def test_refused_close_is_kept_in_rejected(tmp_path):
+    async def body(ns):
+        d = await agent(ns)
+        await write_file(ns, d, "config.json", b'{"ok": 1}')
+        cfg = await ns.lookup(d, "config.json", ALICE)
+        h = await ns.open(cfg.ino, os.O_WRONLY | os.O_TRUNC, ALICE)
+        await ns.write(h.fh, 0, b"{oops\n")
+        with pytest.raises(FsError) as e:
+            await ns.flush(h.fh)
+        assert e.value.errno == errno.EINVAL
+        # visible as soon as close() returned
+        data, err = await rejected(ns, d, "config.json")
+        assert data == b"{oops\n"
+        assert err.startswith("line 1 column 2: Expecting property name") and "EINVAL" in err
+        assert f"pid {os.getpid()}" in err
+        await ns.release(h.fh)
+        last = await ns.getxattr(cfg.ino, "user.agentstatefs.last-error", ALICE)
+        assert last.decode() == err
+        assert "user.agentstatefs.last-error" in await ns.listxattr(cfg.ino, ALICE)
+        assert await read_file(ns, d, "config.json") == b'{"ok": 1}'
+        # read-only, and hidden from the agent's listing
+        dino = (await ns.lookup(d, "@rejected", ALICE)).ino
+        rej = await ns.lookup(dino, "config.json", ALICE)
+        with pytest.raises(FsError) as e:
+            await ns.open(rej.ino, os.O_WRONLY, ALICE)
+        assert e.value.errno == errno.EROFS
+        with pytest.raises(FsError) as e:
+            await ns.unlink(dino, "config.json", ALICE)
+        assert e.value.errno == errno.EROFS
+        fh = await ns.opendir(d, ALICE)
+        names = []
+        await ns.readdir(fh, 0, lambda name, attr, nxt: names.append(name) or True)
+        assert "@rejected" not in names
+        fh = await ns.opendir(dino, ALICE)
+        names = []
+        await ns.readdir(fh, 0, lambda name, attr, nxt: names.append(name) or True)
+        assert names == ["config.json"]
+        # a refused rename of a scratch file too
+        await scratch(ns, d, "t", b'[1, 2')
+        with pytest.raises(FsError):
+            await ns.rename(d, "t", d, "memory.json", 0, ALICE)
+        data, err = await rejected(ns, d, "memory.json")
+        assert data == b"[1, 2" and "Expecting" in err
+    run(tmp_path, body)
+
+
+def test_dup_close_refusal_taken_back_when_the_handle_commits(tmp_path):
+    """`echo '{...}' > f`: the shell's first close (empty buffer) is refused, the last
+    one commits: no @rejected entry is left, an earlier one comes back."""
+    async def body(ns):
+        d = await agent(ns)
+        await write_file(ns, d, "config.json", b'{"ok": 1}')
+        cfg = await ns.lookup(d, "config.json", ALICE)
+        h = await ns.open(cfg.ino, os.O_WRONLY | os.O_TRUNC, ALICE)
+        with pytest.raises(FsError):
+            await ns.flush(h.fh)                  # the dup'ed descriptor, nothing written
+        await ns.write(h.fh, 0, b'{"ok": 2}')
+        await ns.flush(h.fh)
+        await ns.release(h.fh)
+        assert await rejected(ns, d, "config.json") == (None, None)
+        with pytest.raises(FsError) as e:
+            await ns.getxattr(cfg.ino, "user.agentstatefs.last-error", ALICE)
+        assert e.value.errno == errno.ENODATA
+        # an earlier final refusal survives a later taken-back one
+        h = await ns.open(cfg.ino, os.O_WRONLY | os.O_TRUNC, ALICE)
+        await ns.write(h.fh, 0, b"nope")
+        with pytest.raises(FsError):
+            await ns.flush(h.fh)
+        await ns.release(h.fh)
+        h = await ns.open(cfg.ino, os.O_WRONLY | os.O_TRUNC, ALICE)
+        with pytest.raises(FsError):
+            await ns.flush(h.fh)
+        await ns.write(h.fh, 0, b'{"ok": 3}')
+        await ns.flush(h.fh)
+        await ns.release(h.fh)
+        data, err = await rejected(ns, d, "config.json")
+        assert data == b"nope"
+        used = ns.scratch.used
+        # removing the agent drops its entries (and their charge)
+        await ns.unlink(d, "config.json", ALICE)
+        await ns.rmdir(ROOT, "a1", ALICE)
+        assert ns.scratch.used < used and not ns.rejected.entries
+    run(tmp_path, body)
+
+
+def test_rejected_entries_are_capped(tmp_path):
+    async def body(ns):
+        for i in range(20):
+            d = await agent(ns, f"a{i}")
+            await scratch(ns, d, "t", b"[" * 5000)
+            with pytest.raises(FsError):
+                await ns.rename(d, "t", d, "config.json", 0, ALICE)
+            await ns.unlink(d, "t", ALICE)
+        assert ns.scratch.used <= 64 << 10
+        kept = [e for e in ns.rejected.entries.values() if e.data]
+        assert 0 < len(kept) < 20                         # the oldest went first
+        assert ns.rejected.get("a19", "config.json").data
+    run(tmp_path, body, scratch_max=64 << 10)

@@ -56,3 +56,44 @@ def test_cas_race_two_processes_lose_nothing(mnt):
     assert stale > 0, "two racing writers never conflicted"
     # every increment is one version: 1 (initial) + 400
     assert int(sh(f"getfattr --only-values -n user.agentstatefs.version {mnt / 'c1/config.json'}").stdout) == 401
+
+
+AGENTSTATEFS = [sys.executable, "-m", "agentstatefs.daemon.cli"]
+
+
+def test_refused_shell_write_is_visible(mnt):
+    sh(f"mkdir {mnt / 'a1'} && echo '{{\"v\": 1}}' > {mnt / 'a1/config.json'}")
+    r = sh(f"echo '{{oops' > {mnt / 'a1/config.json'}", check=False)
+    assert r.returncode == 0            # bash ignores close() errors: hence @rejected and put
+    assert (mnt / "a1/config.json").read_text() == '{"v": 1}\n'
+    assert (mnt / "a1/@rejected/config.json").read_text() == "{oops\n"
+    err = sh(f"getfattr --only-values -n user.agentstatefs.last-error {mnt / 'a1/config.json'}").stdout
+    assert err.startswith("line 1 column 2: Expecting property name enclosed in double quotes (EINVAL; ")
+    assert " bash; uid 0" in err
+    assert "@rejected" not in sh(f"ls -a {mnt / 'a1'}").stdout
+    r = sh(f"echo x > {mnt / 'a1/@rejected/config.json'}", check=False)
+    assert r.returncode != 0 and "Read-only" in r.stderr
+    # a good write through bash leaves no trace of its refused first (empty) close
+    sh(f"echo '{{\"v\": 2}}' > {mnt / 'a1/memory.json'}")
+    assert not (mnt / "a1/@rejected/memory.json").exists()
+
+
+def test_put_reports_the_reason(mnt):
+    sh(f"mkdir {mnt / 'a1'}")
+    run = lambda data, *extra: subprocess.run(  # noqa: E731
+        AGENTSTATEFS + ["put", "a1", "config.json", "--mountpoint", str(mnt.mp), *extra],
+        input=data, capture_output=True, text=True)
+    r = run('{oops')
+    assert r.returncode == 1
+    assert "a1/config.json not written (EINVAL): line 1 column 2: Expecting property name" in r.stderr
+    assert not (mnt / "a1/config.json").exists()
+    assert (mnt / "a1/@rejected/config.json").read_text() == "{oops"
+    r = run('{"n": 1}')
+    assert r.returncode == 0, r.stderr
+    assert json.loads((mnt / "a1/config.json").read_text()) == {"n": 1}
+    r = run('{"n": 2}', "--if-version", "5")
+    assert r.returncode == 3 and "ESTALE" in r.stderr
+    r = run('{"n": 2}', "--if-version", "1")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((mnt / "a1/config.json").read_text()) == {"n": 2}
+    assert [n for n in sh(f"ls -a {mnt / 'a1'}").stdout.split() if n not in (".", "..")] == ["config.json"]
