@@ -88,8 +88,9 @@ async def _serve(ops: AgentFS, sm: StateManager, mountpoint: str, on_ready, noti
         nursery.start_soon(sm.run_committer)
         nursery.start_soon(sm.run_flusher)
         nursery.start_soon(sm.run_checkpointer)
-        if ops.opts.pack_every > 0:
-            nursery.start_soon(sm.run_packer, ops.opts.pack_every, 5.0)
+        # Combining the per-group packs is part of the storage engine: it runs whatever
+        # pack_every says (0 only turns off the commit-count trigger).
+        nursery.start_soon(sm.run_packer, ops.opts.pack_every or None, 5.0)
         nursery.start_soon(_watch_signals, sm)
         if notifier is not None:  # systemd: READY=1 once the mount answers, watchdog, STATUS
             nursery.start_soon(notifier)

@@ -28,7 +28,8 @@ mount options (-o opt[,opt...], may be repeated):
                         (default 10000, 100 to 10000000)
   checkpoint_interval=SECONDS  how often git objects are synced and the journal trimmed
                         (default 1, 0.01 to 86400)
-  pack_every=N          pack loose git objects in the background after N commits (default 2000; 0 = never)
+  pack_every=N          also combine the per-group git packs every N commits (default 2000;
+                        0 = only when there are more than 16 packs, which always applies)
 SIZE is a number of bytes with an optional K, M or G suffix (powers of 1024), e.g. 512K, 16M.
 """
 

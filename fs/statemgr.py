@@ -126,7 +126,7 @@ class StateManager:
                 except Exception:
                     log.exception("checkpoint failed (will retry)")
 
-    async def run_packer(self, every_commits: int = 2000, poll: float = 30.0, max_packs: int = 32) -> None:
+    async def run_packer(self, every_commits: int | None = 2000, poll: float = 30.0, max_packs: int = 16) -> None:
         """Combine the small per-group packs in the background (``git repack -d
         --geometric=2``, a separate process) once there are more than ``max_packs`` of
         them or ``every_commits`` commits were made since the last run.
@@ -136,15 +136,17 @@ class StateManager:
         from .fsck import geometric_repack_command
         packed_at = self.store.commits
         pack_dir = os.path.join(self.store.repo_dir, "objects", "pack")
+        first = True
         while True:
-            await trio.sleep(poll)
+            await trio.sleep(0.5 if first else poll)   # a repository left with many packs: at once
+            first = False
             if self.store.readonly:
                 continue
             try:
                 packs = sum(1 for e in os.scandir(pack_dir) if e.name.endswith(".pack"))
             except OSError:
                 packs = 0
-            if packs <= max_packs and self.store.commits - packed_at < every_commits:
+            if packs <= max_packs and (every_commits is None or self.store.commits - packed_at < every_commits):
                 continue
             packed_at = self.store.commits
             t0 = time.monotonic()
