@@ -190,7 +190,7 @@ class AgentFS(pyfuse3.Operations):
     # -- files ---------------------------------------------------------------------------
     @staticmethod
     def _file_info(h) -> pyfuse3.FileInfo:
-        if h.kind in ("state", "runtime", "rejected"):
+        if h.kind in ("state", "runtime", "rejected", "patch"):
             return pyfuse3.FileInfo(fh=h.fh, direct_io=True, keep_cache=False)
         return pyfuse3.FileInfo(fh=h.fh, keep_cache=h.kind == "history")
 

@@ -30,6 +30,9 @@ RESTORE = "restore"      # a state file got content equal to a past version (not
 EXCHANGE = "exchange"    # RENAME_EXCHANGE of two state files (contents and metadata swap)
 OPS = (WRITE, DELETE, RENAME, MKDIR, RMDIR, CHMOD, CHOWN, RESTORE, EXCHANGE)
 
+PATCH = "patch"          # intent only: apply files[name] (a merge patch or JSON Patch) to the
+                         # current content; resolved into a WRITE (note: the kind of patch)
+
 ORPHAN = "orphan"        # store result: the write went to a file that no longer has a name
 
 _UNSAFE = re.compile(r"[^\x20-\x3b\x3d\x3f-\x7e\u00a0-\u2027\u202a-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
@@ -99,6 +102,7 @@ class Change:
     the write went to an unlinked inode and is dropped, as on ext4. ``move`` is
     ``(source, target)`` for RENAME/EXCHANGE: the store moves whatever content and
     metadata the source has at that point. ``expect_version`` is compare-and-swap.
+    ``limit`` caps the size of content a PATCH produces (the mount's max_size).
     """
 
     op: str
@@ -113,6 +117,7 @@ class Change:
     expect_version: dict[str, int] = field(default_factory=dict)
     create: bool = False    # the caller created the file it writes (absent is fine)
     replace: bool = False   # rename onto the name: the file gets identity fids[name]
+    limit: int = 0          # PATCH: most bytes the patched file may have (0: no cap)
 
     def header(self) -> dict:
         """JSON-able description; file bodies are carried separately."""

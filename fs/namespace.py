@@ -38,6 +38,7 @@ from .historyview import HistoryView
 from .inodes import ROOT, InodeTable
 from .names import (DURABLE_FILES, HISTORY_DIR, RUNTIME_FILE, check_agent_id, is_durable,
                     is_reserved, is_state)
+from .patch import apply_patch
 from .rejected import LAST_ERROR, REJECTED_DIR, Rejections
 from .runtime import RuntimeLayer
 from .scratch import ScratchNode, ScratchSpace, new_ino
@@ -53,6 +54,7 @@ RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 RENAME_WHITEOUT = 4
 IF_VERSION = "user.agentstatefs.if-version"    # compare-and-swap condition on a scratch file
+PATCH_DIR = "@patch"                            # M/<id>/@patch/<state>.json: write-only patches
 
 
 def parse_if_version(value: bytes) -> int:
@@ -287,6 +289,19 @@ class Namespace:
             return self.history.attr(ino, key)
         if kind == "orphan-pending":
             raise FsError(errno.ENOENT, "file was removed")
+        if kind in ("patch-dir", "patch"):
+            m = self._agent_view(key[1]).meta
+            if kind == "patch-dir":
+                return Attr(ino, stat.S_IFDIR | (m.get("mode", 0o755) & 0o333 | 0o100), 2, m.get("uid", 0),
+                            m.get("gid", 0), 0, self.mount_ns, generation=gen)
+            view = self.git.agent(key[1])
+            fm = view.file_meta(key[2]) if view is not None and key[2] in view.files else None
+            if key[2] == RUNTIME_FILE and self.runtime.get(key[1]) is not None:
+                rf = self.runtime.get(key[1])
+                fm = {"mode": rf.mode, "uid": rf.uid, "gid": rf.gid}
+            src = fm or {"mode": m.get("mode", 0o755), "uid": m.get("uid", 0), "gid": m.get("gid", 0)}
+            return Attr(ino, stat.S_IFREG | (src["mode"] & 0o222), 1, src["uid"], src["gid"], 0, self.mount_ns,
+                        generation=gen)
         if kind == "rejected-dir":
             m = self._agent_view(key[1]).meta
             return Attr(ino, stat.S_IFDIR | (m.get("mode", 0o755) & 0o555), 2, m.get("uid", 0), m.get("gid", 0),
@@ -360,6 +375,14 @@ class Namespace:
             if not is_state(name) or self.rejected.get(key[1], name) is None:
                 raise FsError(errno.ENOENT, f"{key[1]}/{REJECTED_DIR}/{name}: no refused write")
             return self.inodes.stable(("rejected", key[1], name)), None
+        if kind == "patch-dir":
+            self._agent_view(key[1])
+            if not is_state(name):
+                raise FsError(errno.ENOENT, f"{key[1]}/{PATCH_DIR}/{name}: only state files take patches")
+            return self.inodes.stable(("patch", key[1], name)), None
+        if name == PATCH_DIR and kind == "agent":
+            self._agent_view(key[1])
+            return self.inodes.stable(("patch-dir", key[1])), None
         if name == REJECTED_DIR and kind == "agent":
             self._agent_view(key[1])
             return self.inodes.stable(("rejected-dir", key[1])), None
@@ -396,6 +419,8 @@ class Namespace:
             raise FsError(errno.EROFS, "history is read-only")
         if key[0] == "rejected-dir":
             raise FsError(errno.EROFS, f"{REJECTED_DIR} is read-only")
+        if key[0] == "patch-dir":
+            raise FsError(errno.EPERM, f"{PATCH_DIR} takes patches of config.json, memory.json and runtime.json only")
         if key[0] == "root":
             return "root", None, None
         if key[0] == "agent":
@@ -448,16 +473,18 @@ class Namespace:
                 have = cur.current.version if cur is not None else 0
                 if have != expect:
                     raise FsError(errno.ESTALE, f"{agent}/{name} is at version {have}, not {expect}")
-            mode = (attrs or {}).get("mode", 0o644)
-            self.runtime.put(agent, data, who, time.time_ns(), mode=mode)
-            ino = self.inodes.stable(("state", agent, name))
-            self.kernel.invalidate_attr(ino)
+            self._store_runtime(agent, data, who, (attrs or {}).get("mode", 0o644))
             return None
         change = Change(ch.WRITE, agent, who, time.time_ns(), files={name: data},
                         attrs={name: attrs} if attrs else {},
                         fids={name: fid} if fid is not None else {}, create=create, replace=replace,
                         expect_version={name: expect} if expect is not None else {})
         return await self._commit(change)
+
+    def _store_runtime(self, agent: str, data: bytes, who: Who, mode: int) -> None:
+        self.runtime.put(agent, data, who, time.time_ns(), mode=mode)
+        ino = self.inodes.stable(("state", agent, RUNTIME_FILE))
+        self.kernel.invalidate_attr(ino)
 
     def _reject(self, agent: str, name: str, data: bytes, who: Who, exc: FsError, origin: int | None) -> None:
         """A refused write of ``agent/name``: keep it in ``@rejected`` (RAM)."""
@@ -567,6 +594,13 @@ class Namespace:
             raise FsError(errno.EROFS, "history is read-only")
         if kind in ("rejected-dir", "rejected"):
             raise FsError(errno.EROFS, f"{REJECTED_DIR} is read-only")
+        if kind in ("patch-dir", "patch"):
+            if mode is not None or uid is not None or gid is not None:
+                raise FsError(errno.EPERM, f"{PATCH_DIR} takes the state file's owner and mode")
+            h = self.handles.get(fh) if fh else None
+            if size is not None and h is not None and h.kind == "patch":
+                self._truncate_handle(h, size)
+            return self._attr(ino)
         if kind in ("orphan", "orphan-pending"):
             h = self.handles.get(fh) if fh else None
             if h is None:
@@ -695,6 +729,8 @@ class Namespace:
         where, agent, sdir = self._parent_dir(parent)
         if name in (HISTORY_DIR, REJECTED_DIR):
             raise FsError(errno.EROFS, f"{name} is read-only")
+        if name == PATCH_DIR:
+            raise FsError(errno.EPERM, f"{PATCH_DIR} is part of every agent")
         if where == "root":
             if is_reserved(name):
                 raise FsError(errno.EPERM, f"{name} is reserved")
@@ -736,6 +772,9 @@ class Namespace:
         entries: list[tuple[str, object]] = []
         if key[0] == "rejected-dir":
             entries = [(n, ("rejected", key[1], n)) for n in self.rejected.names(key[1])]
+        elif key[0] == "patch-dir":
+            self._agent_view(key[1])
+            entries = [(n, ("patch", key[1], n)) for n in sorted(DURABLE_FILES + (RUNTIME_FILE,))]
         elif key[0] == "root":
             if not self.git.agents_loaded():
                 await trio.to_thread.run_sync(self.git.agents)
@@ -813,6 +852,13 @@ class Namespace:
                 self.scratch.resize(node, 0)
             h = Handle(fh, ino, "scratch", node=node, flags=flags)
             self.scratch.opened(node)
+            self._add_handle(h)
+            return h
+        if key[0] == "patch":
+            if flags & os.O_ACCMODE != os.O_WRONLY:
+                raise FsError(errno.EACCES, f"{key[1]}/{PATCH_DIR}/{key[2]} is write-only (open it with O_WRONLY)")
+            self._agent_view(key[1])
+            h = Handle(fh, ino, "patch", agent=key[1], name=key[2], flags=flags, who=caller.who())
             self._add_handle(h)
             return h
         if key[0] == "rejected":
@@ -957,6 +1003,9 @@ class Namespace:
         h = self.handles.get(fh)
         if h is None or h.kind in ("scratch", "history", "rejected"):
             return
+        if h.kind == "patch":
+            await self._flush_patch(h)
+            return
         while h.dirty and not h.orphan:
             gen = h.gen
             data = bytes(h.content())
@@ -991,6 +1040,48 @@ class Namespace:
             log.debug("%s/%s: written after it was removed; the data goes nowhere (as on ext4)",
                       h.agent, h.name)
             self._drop_buffer(h)
+
+    async def _flush_patch(self, h: Handle) -> None:
+        """Apply what was written to ``@patch/<state>.json`` as one patch (an empty
+        handle does nothing: a shell's first close of a dup'ed descriptor)."""
+        while h.dirty:
+            gen = h.gen
+            data = bytes(h.content())
+            try:
+                await self._patch(h.agent, h.name, data, h.who, origin=h.fh)
+            except FsError as exc:
+                h.last_error = exc
+                raise
+            h.last_error = None
+            self.rejected.settle(h.agent, h.name, h.fh, committed=True)
+            if h.gen == gen:
+                self._drop_buffer(h)
+
+    async def _patch(self, agent: str, name: str, patch: bytes, who: Who, origin: int | None = None):
+        """Apply a merge patch / JSON Patch to the current version of ``agent/name``,
+        atomically: durable files in the store (resolved at the patch's turn in the
+        queue), runtime.json here with no await between reading and storing."""
+        try:
+            await self._validate(agent, name, patch)
+            self._agent_view(agent)
+            if name != RUNTIME_FILE:
+                return await self._commit(Change(ch.PATCH, agent, who, time.time_ns(), files={name: patch},
+                                                 limit=self.opts.max_size))
+            rf = self.runtime.get(agent)
+            current = rf.current.data if rf is not None else None
+            new, _ = apply_patch(current, patch)
+            if new is None or new == current:
+                return None
+            check_size(len(new), self.opts.max_size)
+            check_json(new)
+            self._store_runtime(agent, new, who, rf.mode if rf is not None else 0o644)
+            return None
+        except FsError as exc:
+            if exc.errno in (errno.EINVAL, errno.EFBIG, errno.ESTALE, errno.ENOENT) \
+                    and self.git.agent(agent) is not None:
+                reason = exc.reason.removeprefix(f"{agent}/{name}: ")
+                self._reject(agent, name, patch, who, FsError(exc.errno, f"patch refused: {reason}"), origin)
+            raise
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         await self.flush(fh)
@@ -1040,6 +1131,8 @@ class Namespace:
         where, agent, sdir = self._parent_dir(parent)
         if name in (HISTORY_DIR, REJECTED_DIR):
             raise FsError(errno.EROFS, f"{name} is read-only")
+        if name == PATCH_DIR:
+            raise FsError(errno.EPERM, f"{PATCH_DIR} is part of every agent")
         if where == "root":
             raise FsError(errno.EISDIR if self.git.agent(name) is not None else errno.ENOENT,
                           f"{name} is an agent directory (use rmdir / rm -r)")

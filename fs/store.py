@@ -30,6 +30,8 @@ from .errors import FsError, RepoError
 from .gitstore import GitStore
 from .history import CommitIndex
 from .journal import Journal, fsync_dir
+from .patch import apply_patch
+from .validate import check_json, check_size
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +205,10 @@ class Store:
             have = view.version(name)
             if have != want:
                 raise FsError(errno.ESTALE, f"{c.agent}/{name} is at version {have}, not {want}")
+        if c.op == ch.PATCH:
+            c = self._resolve_patch(c, view)
+            if c is None:
+                return None
         if c.op in (ch.RENAME, ch.EXCHANGE):
             src, dst = c.move
             if src not in view.files:
@@ -255,6 +261,22 @@ class Store:
                 op, note = ch.RESTORE, past.commit[:7]
         return Change(op, c.agent, c.who, c.time_ns, files={name: data},
                       attrs={name: attrs} if attrs else {}, note=note)
+
+    def _resolve_patch(self, c: Change, view) -> Change | None:
+        """A patch intent applied to the file's content at the writer's head (so at its
+        turn in the queue): the WRITE of the result, or None when it changes nothing."""
+        (name, patch), = c.files.items()
+        current = self.git.read_blob(view.files[name]) if name in view.files else None
+        try:
+            data, kind = apply_patch(current, patch)
+        except FsError as exc:
+            raise FsError(exc.errno, f"{c.agent}/{name}: {exc.reason}") from None
+        if data is None or data == current:
+            return None
+        if c.limit:
+            check_size(len(data), c.limit)
+        check_json(data)
+        return Change(ch.WRITE, c.agent, c.who, c.time_ns, files={name: data}, note=kind)
 
     def commit_batch(self, changes: list[Change]) -> list:
         """Resolve, apply and durably journal ``changes`` in order (see ``commit_group``)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 
 import pytest
@@ -213,3 +214,77 @@ def test_rejected_entries_are_capped(tmp_path):
         assert 0 < len(kept) < 20                         # the oldest went first
         assert ns.rejected.get("a19", "config.json").data
     run(tmp_path, body, scratch_max=64 << 10)
+
+
+async def patch(ns, d, name, data: bytes, caller=ALICE):
+    pdir = (await ns.lookup(d, "@patch", caller)).ino
+    attr = await ns.lookup(pdir, name, caller)
+    h = await ns.open(attr.ino, os.O_WRONLY | os.O_TRUNC, caller)
+    try:
+        await ns.flush(h.fh)              # a shell's first (empty) close does nothing
+        await ns.write(h.fh, 0, data)
+        await ns.flush(h.fh)
+    finally:
+        await ns.release(h.fh)
+
+
+def test_patches_apply_to_the_current_version(tmp_path):
+    async def body(ns):
+        d = await agent(ns)
+        await patch(ns, d, "config.json", b'{"a": 1, "b": {"c": 2}}')        # a merge patch creates
+        assert json.loads(await read_file(ns, d, "config.json")) == {"a": 1, "b": {"c": 2}}
+        await patch(ns, d, "config.json", b'{"b": {"c": null, "d": [1]}, "e": "x"}')
+        assert json.loads(await read_file(ns, d, "config.json")) == {"a": 1, "b": {"d": [1]}, "e": "x"}
+        await patch(ns, d, "config.json", b'[{"op": "add", "path": "/b/d/-", "value": 2},'
+                                         b' {"op": "remove", "path": "/a"}]')
+        assert json.loads(await read_file(ns, d, "config.json")) == {"b": {"d": [1, 2]}, "e": "x"}
+        v = await version(ns, d, "config.json")
+        await patch(ns, d, "config.json", b'{"e": "x"}')                     # no change, no version
+        assert await version(ns, d, "config.json") == v
+        with pytest.raises(FsError) as e:
+            await patch(ns, d, "config.json", b'[{"op": "test", "path": "/e", "value": "y"}]')
+        assert e.value.errno == errno.ESTALE
+        with pytest.raises(FsError) as e:
+            await patch(ns, d, "config.json", b'[{"op": "remove", "path": "/nope"}]')
+        assert e.value.errno == errno.EINVAL
+        with pytest.raises(FsError) as e:
+            await patch(ns, d, "config.json", b'42')
+        assert e.value.errno == errno.EINVAL
+        with pytest.raises(FsError) as e:
+            await patch(ns, d, "memory.json", b'[{"op": "add", "path": "/x", "value": 1}]')
+        assert e.value.errno == errno.ENOENT
+        data, err = await rejected(ns, d, "config.json")
+        assert data == b'42' and err.startswith("patch refused: a patch is a JSON object")
+        assert await version(ns, d, "config.json") == v
+        # runtime.json, in RAM
+        await patch(ns, d, "runtime.json", b'{"step": 1}')
+        await patch(ns, d, "runtime.json", b'[{"op": "replace", "path": "/step", "value": 2}]')
+        assert json.loads(await read_file(ns, d, "runtime.json")) == {"step": 2}
+        # write-only
+        pdir = (await ns.lookup(d, "@patch", ALICE)).ino
+        attr = await ns.lookup(pdir, "config.json", ALICE)
+        with pytest.raises(FsError) as e:
+            await ns.open(attr.ino, os.O_RDONLY, ALICE)
+        assert e.value.errno == errno.EACCES
+        with pytest.raises(FsError) as e:
+            await ns.lookup(pdir, "other.json", ALICE)
+        assert e.value.errno == errno.ENOENT
+        # the commit says what it was
+        subjects = [c.message.splitlines()[0] for _, c in zip(range(8), ns.git.repo.walk(ns.git.head))]
+        assert any(s.endswith("json patch") for s in subjects), subjects
+    run(tmp_path, body)
+
+
+def test_patches_queued_together_all_apply(tmp_path):
+    """Patches racing a plain write in one group: each applies to the head at its turn."""
+    async def body(ns):
+        d = await agent(ns)
+        await write_file(ns, d, "config.json", b'{"n": []}')
+        async with trio.open_nursery() as n:
+            for i in range(5):
+                n.start_soon(patch, ns, d, "config.json",
+                             json.dumps([{"op": "add", "path": "/n/-", "value": i}]).encode())
+                n.start_soon(patch, ns, d, "config.json", json.dumps({f"k{i}": i}).encode())
+        doc = json.loads(await read_file(ns, d, "config.json"))
+        assert sorted(doc["n"]) == list(range(5)) and all(doc[f"k{i}"] == i for i in range(5))
+    run(tmp_path, body)

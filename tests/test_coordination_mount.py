@@ -97,3 +97,58 @@ def test_put_reports_the_reason(mnt):
     assert r.returncode == 0, r.stderr
     assert json.loads((mnt / "a1/config.json").read_text()) == {"n": 2}
     assert [n for n in sh(f"ls -a {mnt / 'a1'}").stdout.split() if n not in (".", "..")] == ["config.json"]
+
+
+PATCH_RACER = textwrap.dedent("""
+    import json, sys
+    d, kind, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    for i in range(n):
+        if kind == "merge":
+            with open(f"{d}/@patch/config.json", "w") as f:
+                json.dump({"m": i, f"m{i}": True}, f)
+        elif kind == "json":
+            with open(f"{d}/@patch/config.json", "w") as f:
+                json.dump([{"op": "add", "path": "/list/-", "value": i}], f)
+        else:
+            with open(f"{d}/config.json", "w") as f:
+                json.dump({"w": f"{kind}-{i}", "list": []}, f)
+""")
+
+
+def test_patches_race_plain_writers_and_lose_nothing(mnt):
+    """Merge patches and JSON Patches racing two plain writers: every patch applies to
+    the version current at its turn, so each version of the file is exactly the previous
+    one with that patch applied (or a plain write)."""
+    import pygit2
+    n = 40
+    sh(f"mkdir {mnt / 'p1'} && echo '{{\"list\": []}}' > {mnt / 'p1/config.json'}")
+    procs = [subprocess.Popen([sys.executable, "-c", PATCH_RACER, str(mnt / "p1"), kind, str(n)],
+                              stderr=subprocess.PIPE, text=True)
+             for kind in ("merge", "json", "w1", "w2")]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    mnt.git_settled()
+    repo = pygit2.Repository(str(mnt.repo))
+    path = mnt.tree_path("p1", "config.json")
+    versions = []
+    for c in repo.walk(repo.branches["main"].target, pygit2.enums.SortMode.TOPOLOGICAL | pygit2.enums.SortMode.REVERSE):
+        try:
+            blob = c.tree[path].id
+        except KeyError:
+            continue
+        if not versions or versions[-1][0] != blob:
+            versions.append((blob, json.loads(repo[blob].data)))
+    merges, appends, plain = [], [], 0
+    for (_, prev), (_, cur) in zip(versions, versions[1:]):
+        if len(cur.get("list", ())) == len(prev.get("list", ())) + 1 and \
+                cur == {**prev, "list": prev["list"] + [cur["list"][-1]]}:
+            appends.append(cur["list"][-1])
+        elif "m" in cur and cur == {**prev, "m": cur["m"], f"m{cur['m']}": True}:
+            merges.append(cur["m"])
+        elif set(cur) == {"w", "list"} and cur["list"] == []:
+            plain += 1
+        else:
+            raise AssertionError(f"version not explained by one patch or write:\n{prev}\n-> {cur}")
+    assert sorted(merges) == list(range(n)) and sorted(appends) == list(range(n))
+    assert plain == 2 * n

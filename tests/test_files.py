@@ -127,8 +127,11 @@ def test_good_agent_ids(mnt):
 def test_reserved_and_top_level_names(mnt):
     os.mkdir(mnt / "a1")
     with pytest.raises(OSError) as e:
-        open(mnt / "a1/@patch", "w").close()
+        open(mnt / "a1/@other", "w").close()
     assert e.value.errno == errno.EINVAL
+    with pytest.raises(OSError) as e:          # @patch is the patch directory (SPEC section 1)
+        open(mnt / "a1/@patch", "w").close()
+    assert e.value.errno == errno.EISDIR
     with pytest.raises(OSError) as e:
         os.mkdir(mnt / "a1/@x")
     assert e.value.errno == errno.EINVAL
