@@ -585,8 +585,9 @@ class _TimedStore:
     In-process there is no daemon, so no background packer: ``maybe_pack`` (called
     between commits, untimed) does what the daemon of the code under test does. With
     one pack per commit group (``fs/mempack.py``): ``git repack -d --geometric=2`` once
-    there are more than 32 packs (the daemon's ``run_packer`` rule, here checked every
-    32 commits instead of every 30 s). With loose objects (older revisions):
+    there are more than ``max_packs`` packs (the default of that code's
+    ``StateManager.run_packer``: 32, later 16; the daemon checks every 5 s, here every
+    32 commits). With loose objects (older revisions):
     ``git repack -d`` every 2,000 commits (their ``pack_every`` default). Without it,
     the 3,600 commits of this phase leave ~3,600 packs, and every later object lookup
     probes all of them: ``ls`` of 100,000 agents 7.3 s instead of 2.0 s, a write to a
@@ -610,6 +611,15 @@ class _TimedStore:
             from agentstatefs.fs.fsck import geometric_repack_command
             self.per_group_packs = True
             self._repack_cmd = geometric_repack_command(repo)
+            self.max_packs = 32
+            try:
+                import inspect
+                from agentstatefs.fs.statemgr import StateManager
+                default = inspect.signature(StateManager.run_packer).parameters["max_packs"].default
+                if isinstance(default, int):
+                    self.max_packs = default
+            except (ImportError, AttributeError, KeyError, ValueError):
+                pass
         except ImportError:
             self.per_group_packs = False
             self._repack_cmd = ["git", "-C", repo, "repack", "-d", "-q"]
@@ -633,7 +643,7 @@ class _TimedStore:
             self.store._flush_git = timed_flush
 
     def maybe_pack(self, force: bool = False) -> None:
-        due = (_packs(self.repo) > 32) if self.per_group_packs else (self.commits % 2000 == 0)
+        due = (_packs(self.repo) > self.max_packs) if self.per_group_packs else (self.commits % 2000 == 0)
         if force or due:
             t = time.perf_counter()
             subprocess.run(self._repack_cmd, check=True, capture_output=True)
@@ -645,7 +655,8 @@ class _TimedStore:
         out = f"git objects (apply) {med(self.git_ns) / 1000:,.0f} µs"
         if self.flush_ns:
             out += f", pack + ref (flush) {med(self.flush_ns) / 1000:,.0f} µs"
-        return out + (f"; {self.repacks} background-style repacks between commits (untimed, "
+        rule = f"over {self.max_packs} packs" if self.per_group_packs else "every 2,000 commits"
+        return out + (f"; {self.repacks} daemon-style repacks ({rule}) between commits (untimed, "
                       f"{self.repack_s:.1f} s)")
 
     def commit_one(self, rnd: random.Random, seq: int) -> None:
