@@ -23,7 +23,8 @@ from ..fs.names import decode_name
 log = logging.getLogger("agentstatefs")
 
 # ESTALE: a compare-and-swap that lost a race, an expected outcome (the caller retries).
-_QUIET = {errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.ENODATA, errno.ENOTSUP, errno.EXDEV, errno.ESTALE}
+_QUIET = {errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.ENODATA, errno.ENOTSUP, errno.EXDEV, errno.ESTALE,
+          errno.EAGAIN}
 
 
 def _ctx_text(args) -> str:
@@ -113,6 +114,21 @@ def _xname(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
+def _stop_events_on_terminate(ns: Namespace) -> None:
+    """Blocked ``@events`` reads each hold one of pyfuse3's request tasks, and
+    ``pyfuse3.main()`` returns only once they end: when the daemon terminates the FUSE
+    loop (SIGTERM/SIGINT), they end first (readers see end of file)."""
+    original = getattr(pyfuse3.terminate, "__wrapped__", pyfuse3.terminate)
+
+    @functools.wraps(original)
+    def terminate():
+        try:
+            ns.events.stop()
+        finally:
+            original()
+    pyfuse3.terminate = terminate
+
+
 class AgentFS(pyfuse3.Operations):
     """The agentstatefs filesystem, as pyfuse3 sees it."""
 
@@ -121,6 +137,7 @@ class AgentFS(pyfuse3.Operations):
         kernel = FuseKernel()
         self.ns = Namespace(store, statemgr, options, kernel)
         kernel.inodes = self.ns.inodes
+        _stop_events_on_terminate(self.ns)
         self.store = store
         self.sm = statemgr
         self.opts = options
@@ -192,6 +209,8 @@ class AgentFS(pyfuse3.Operations):
     def _file_info(h) -> pyfuse3.FileInfo:
         if h.kind in ("state", "runtime", "rejected", "patch"):
             return pyfuse3.FileInfo(fh=h.fh, direct_io=True, keep_cache=False)
+        if h.kind == "events":
+            return pyfuse3.FileInfo(fh=h.fh, direct_io=True, keep_cache=False, nonseekable=True)
         return pyfuse3.FileInfo(fh=h.fh, keep_cache=h.kind == "history")
 
     @handler
@@ -231,6 +250,10 @@ class AgentFS(pyfuse3.Operations):
     @handler
     async def release(self, fh):
         await self.ns.release(fh)
+
+    @handler
+    async def poll(self, inode, fh, poll_handle, ctx):
+        return self.ns.poll(fh, poll_handle)
 
     # -- names ---------------------------------------------------------------------------
     @handler

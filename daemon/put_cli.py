@@ -1,5 +1,5 @@
 """Verbs that work through the mount, for shell scripts: ``put`` (a write that reports
-its refusal: shell builtins ignore close() errors).
+its refusal: shell builtins ignore close() errors) and ``watch`` (the change stream).
 
 They only use the files of the mount (no daemon internals): the mount point comes
 from ``--mountpoint``, else ``$AGENTSTATEFS_MOUNTPOINT``, else the mount holding
@@ -93,6 +93,40 @@ def cmd_put(args) -> int:
     return 0
 
 
+def cmd_watch(args) -> int:
+    import json
+    import signal
+    mp = find_mountpoint(args)
+    # A read of @events blocks inside the kernel: let Ctrl-C end the process there.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    fd = os.open(os.path.join(mp, "@events"), os.O_RDONLY)
+    seen, rest = 0, b""
+    out = sys.stdout.buffer
+    try:
+        while args.count is None or seen < args.count:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                return 0                 # the daemon is stopping
+            *lines, rest = (rest + chunk).split(b"\n")
+            for line in lines:
+                if args.agent is not None:
+                    try:
+                        ev = json.loads(line)
+                    except ValueError:
+                        continue
+                    if ev.get("op") != "lost" and ev.get("agent") != args.agent:
+                        continue
+                out.write(line + b"\n")
+                out.flush()
+                seen += 1
+                if args.count is not None and seen >= args.count:
+                    break
+    finally:
+        os.close(fd)
+    return 0
+
+
 def register(sub) -> None:
     default_repo = os.path.join(DEFAULT_REPO_ROOT, DEFAULT_TENANT)
     p = sub.add_parser("put", help="write stdin to a state file through the mount; exit 1 with the reason if refused",
@@ -107,6 +141,17 @@ def register(sub) -> None:
                                               f"--repo, or {DEFAULT_MOUNTPOINT})")
     p.add_argument("--repo", default=default_repo, help=argparse_suppress())
     p.set_defaults(func=cmd_put)
+
+    p = sub.add_parser("watch", help="print the change stream (M/@events) as JSON lines, optionally of one agent",
+                       description="Print every change made through the mount as it is published: one JSON "
+                                   "line {seq, time, agent, file, op, commit, version, uid, pid} per change; "
+                                   "refused writes as op 'rejected' with the reason; 'lost' when this reader "
+                                   "fell behind and events were dropped.")
+    p.add_argument("agent", metavar="ID", nargs="?", help="only this agent's events (and 'lost')")
+    p.add_argument("--count", "-n", type=int, help="exit after printing N events")
+    p.add_argument("--mountpoint", "-m", help="the mount (default as for put)")
+    p.add_argument("--repo", default=default_repo, help=argparse_suppress())
+    p.set_defaults(func=cmd_watch)
 
 
 def argparse_suppress():

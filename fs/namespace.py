@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
 import stat
 import time
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from .historyview import HistoryView
 from .inodes import ROOT, InodeTable
 from .names import (DURABLE_FILES, HISTORY_DIR, RUNTIME_FILE, check_agent_id, is_durable,
                     is_reserved, is_state)
+from .events import EventHub
 from .patch import apply_patch
 from .rejected import LAST_ERROR, REJECTED_DIR, Rejections
 from .runtime import RuntimeLayer
@@ -55,6 +57,7 @@ RENAME_EXCHANGE = 2
 RENAME_WHITEOUT = 4
 IF_VERSION = "user.agentstatefs.if-version"    # compare-and-swap condition on a scratch file
 PATCH_DIR = "@patch"                            # M/<id>/@patch/<state>.json: write-only patches
+EVENTS_FILE = "@events"                         # M/@events: the change stream
 
 
 def parse_if_version(value: bytes) -> int:
@@ -144,6 +147,7 @@ class Namespace:
         self.runtime = RuntimeLayer(options.runtime_versions)
         self.scratch = ScratchSpace(options.scratch_max)
         self.rejected = Rejections(self.scratch, options.max_size)
+        self.events = EventHub()
         self.buffer_max = getattr(options, "buffer_max", 256 << 20)
         self.buffer_bytes = 0
         self.agent_scratch: dict[str, ScratchNode] = {}
@@ -184,6 +188,19 @@ class Namespace:
                 self.rejected.drop_agent(agent)
             elif ino is not None:
                 self.kernel.invalidate_attr(ino)
+        for oid, change, versions in group.made:
+            self._emit_commit(oid, change, versions)
+
+    def _emit_commit(self, oid, change: Change, versions: dict) -> None:
+        w = change.who
+        common = {"time_ns": change.time_ns, "commit": oid, "uid": w.uid, "pid": w.pid,
+                  "note": change.note or None}
+        if change.op in (ch.RENAME, ch.EXCHANGE) and change.move:
+            src, dst = change.move
+            self.events.emit(change.op, change.agent, dst, version=versions.get(dst), **{"from": src}, **common)
+            return
+        for f in list(change.files) or [k for k in change.attrs if k] or [None]:
+            self.events.emit(change.op, change.agent, f, version=versions.get(f) if f else None, **common)
 
     def _rebind_agent(self, agent: str, view, before: dict) -> None:
         """Point the agent's state-file names at the files the new head has there.
@@ -318,6 +335,8 @@ class Namespace:
             return key[1]
         if kind == "root":
             return Attr(ROOT, stat.S_IFDIR | 0o755, 2, self.uid, self.gid, 0, self.mount_ns)
+        if kind == "events":
+            return Attr(ino, stat.S_IFREG | 0o444, 1, self.uid, self.gid, 0, self.mount_ns)
         if kind == "agent":
             m = self._agent_view(key[1]).meta
             mtime = max([f.get("mtime_ns", 0) for f in m.get("files", {}).values()] + [m.get("created_ns", 0)])
@@ -390,6 +409,8 @@ class Namespace:
             if kind == "agent":
                 self._agent_view(key[1])
             return self.inodes.stable(("hist-root", key[1] if kind == "agent" else "")), None
+        if kind == "root" and name == EVENTS_FILE:
+            return self.inodes.stable(("events",)), None
         if kind == "root":
             if is_reserved(name) or self.git.agent(name) is None:
                 raise FsError(errno.ENOENT, f"agent {name} does not exist")
@@ -482,9 +503,13 @@ class Namespace:
         return await self._commit(change)
 
     def _store_runtime(self, agent: str, data: bytes, who: Who, mode: int) -> None:
-        self.runtime.put(agent, data, who, time.time_ns(), mode=mode)
+        now = time.time_ns()
+        v = self.runtime.put(agent, data, who, now, mode=mode)
         ino = self.inodes.stable(("state", agent, RUNTIME_FILE))
         self.kernel.invalidate_attr(ino)
+        if v is not None:
+            self.events.emit(ch.WRITE, agent, RUNTIME_FILE, time_ns=now, version=v.version, uid=who.uid,
+                             pid=who.pid)
 
     def _reject(self, agent: str, name: str, data: bytes, who: Who, exc: FsError, origin: int | None) -> None:
         """A refused write of ``agent/name``: keep it in ``@rejected`` (RAM)."""
@@ -496,7 +521,10 @@ class Namespace:
             self._rejected_final(agent, name, self.rejected.get(agent, name))
 
     def _rejected_final(self, agent: str, name: str, e) -> None:
-        """A refusal that stands (hook for the change stream)."""
+        """A refusal that stands: on the change stream."""
+        if e is not None:
+            self.events.emit("rejected", agent, name, time_ns=e.time_ns, uid=e.who.uid, pid=e.who.pid,
+                             reason=e.reason, errno=errno.errorcode.get(e.errno, str(e.errno)))
 
     # -- shared version bytes and write buffers ----------------------------------------------
     async def _acquire(self, agent: str, name: str) -> tuple[bytes, object, object]:
@@ -594,6 +622,10 @@ class Namespace:
             raise FsError(errno.EROFS, "history is read-only")
         if kind in ("rejected-dir", "rejected"):
             raise FsError(errno.EROFS, f"{REJECTED_DIR} is read-only")
+        if kind == "events":
+            if size is not None or mode is not None or uid is not None or gid is not None:
+                raise FsError(errno.EPERM, f"{EVENTS_FILE} is the change stream")
+            return self._attr(ino)
         if kind in ("patch-dir", "patch"):
             if mode is not None or uid is not None or gid is not None:
                 raise FsError(errno.EPERM, f"{PATCH_DIR} takes the state file's owner and mode")
@@ -854,6 +886,12 @@ class Namespace:
             self.scratch.opened(node)
             self._add_handle(h)
             return h
+        if key[0] == "events":
+            if writable or flags & os.O_TRUNC:
+                raise FsError(errno.EACCES, f"{EVENTS_FILE} is read-only")
+            h = Handle(fh, ino, "events", flags=flags, node=self.events.subscribe(bool(flags & os.O_NONBLOCK)))
+            self._add_handle(h)
+            return h
         if key[0] == "patch":
             if flags & os.O_ACCMODE != os.O_WRONLY:
                 raise FsError(errno.EACCES, f"{key[1]}/{PATCH_DIR}/{key[2]} is write-only (open it with O_WRONLY)")
@@ -969,6 +1007,13 @@ class Namespace:
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         h = self.handle(fh)
+        if h.kind == "events":
+            # A blocked read is not a request in flight: quiesce (unmount) must not wait for it.
+            self.sm.in_flight -= 1
+            try:
+                return await self.events.read(h.node, size)
+            finally:
+                self.sm.in_flight += 1
         if h.kind == "scratch":
             h.node.atime_ns = time.time_ns()
             return bytes(h.node.data[off:off + size])
@@ -980,7 +1025,7 @@ class Namespace:
             if h.append:
                 off = len(h.node.data)
             return self.scratch.write(h.node, off, buf)
-        if h.kind in ("history", "rejected"):
+        if h.kind in ("history", "rejected", "events"):
             raise FsError(errno.EBADF, "read-only file")
         data = self._ensure_buffer(h)
         if h.append:
@@ -1001,7 +1046,7 @@ class Namespace:
         (a later flush of a dup'ed descriptor may succeed); writes that arrive while
         the commit is in flight are committed by the next round of the loop."""
         h = self.handles.get(fh)
-        if h is None or h.kind in ("scratch", "history", "rejected"):
+        if h is None or h.kind in ("scratch", "history", "rejected", "events"):
             return
         if h.kind == "patch":
             await self._flush_patch(h)
@@ -1083,6 +1128,13 @@ class Namespace:
                 self._reject(agent, name, patch, who, FsError(exc.errno, f"patch refused: {reason}"), origin)
             raise
 
+    def poll(self, fh: int, poll_handle) -> int:
+        """Readiness for poll/select: @events has lines queued; everything else is ready."""
+        h = self.handles.get(fh)
+        if h is not None and h.kind == "events":
+            return self.events.poll(h.node, poll_handle)
+        return select.POLLIN | select.POLLRDNORM | select.POLLOUT | select.POLLWRNORM
+
     async def fsync(self, fh: int, datasync: bool) -> None:
         await self.flush(fh)
 
@@ -1098,6 +1150,9 @@ class Namespace:
                 self.inodes.drop_if_unused(h.ino)
         if h.kind == "scratch":
             self.scratch.closed(h.node)
+            return
+        if h.kind == "events":
+            self.events.unsubscribe(h.node)
             return
         if h.blob is not None:
             self._unshare(h.blob)
@@ -1133,6 +1188,8 @@ class Namespace:
             raise FsError(errno.EROFS, f"{name} is read-only")
         if name == PATCH_DIR:
             raise FsError(errno.EPERM, f"{PATCH_DIR} is part of every agent")
+        if where == "root" and name == EVENTS_FILE:
+            raise FsError(errno.EPERM, f"{EVENTS_FILE} is the change stream")
         if where == "root":
             raise FsError(errno.EISDIR if self.git.agent(name) is not None else errno.ENOENT,
                           f"{name} is an agent directory (use rmdir / rm -r)")
@@ -1148,6 +1205,7 @@ class Namespace:
                 ino = self.inodes.peek(("state", agent, name))
                 if not self.runtime.remove(agent):
                     raise FsError(errno.ENOENT, f"{agent}/{name} does not exist")
+                self.events.emit(ch.DELETE, agent, name, uid=caller.uid, pid=caller.pid)
                 if ino is not None:
                     for h in self.by_ino.get(ino, ()):
                         h.orphan = True

@@ -19,7 +19,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pygit2
 
@@ -75,6 +75,7 @@ class Group:
     results: list
     head: pygit2.Oid | None
     views: dict          # agent -> AgentView or None (deleted), as of ``head``
+    made: list = field(default_factory=list)   # (commit oid, concrete Change, {file: version}) in order
 
 
 class Store:
@@ -356,7 +357,9 @@ class Store:
                     views[change.agent] = view
                     files = {n: (str(view.files[n]) if view is not None and n in view.files else "-")
                              for n in change.files}
-                    made.append((oid, change, files))
+                    versions = {n: (view.version(n) if view is not None and n in view.files else None)
+                                for n in set(change.files) | {k for k in change.attrs if k}}
+                    made.append((oid, change, files, versions))
             if not payloads:
                 return Group(results, self.git.head, {})
             try:
@@ -379,10 +382,10 @@ class Store:
             self.commits += len(payloads)
             self._serial += 1
             self.groups += 1
-            for oid, change, files in made:
+            for oid, change, files, _ in made:
                 self.history.append(self.git.repo[oid], change.agent, change.op, files)
             self.history.flush()
-            return Group(results, self.git.head, views)
+            return Group(results, self.git.head, views, [(o, c, v) for o, c, _, v in made])
 
     # -- checkpoint ---------------------------------------------------------------
     def checkpoint(self, force: bool = False) -> bool:

@@ -288,3 +288,56 @@ def test_patches_queued_together_all_apply(tmp_path):
         doc = json.loads(await read_file(ns, d, "config.json"))
         assert sorted(doc["n"]) == list(range(5)) and all(doc[f"k{i}"] == i for i in range(5))
     run(tmp_path, body)
+
+
+def test_events_stream(tmp_path):
+    async def body(ns):
+        ev = await ns.lookup(ROOT, "@events", ALICE)
+        h = await ns.open(ev.ino, os.O_RDONLY, ALICE)
+        got = []
+
+        async def reader():
+            while len(got) < 6:
+                data = await ns.read(h.fh, 0, 1 << 16)
+                got.extend(json.loads(line) for line in data.splitlines())
+        async with trio.open_nursery() as n:
+            n.start_soon(reader)
+            await trio.testing.wait_all_tasks_blocked()      # the read blocks: nothing yet
+            assert got == []
+            d = await agent(ns)
+            await write_file(ns, d, "config.json", b'{"v": 1}')
+            await patch(ns, d, "config.json", b'{"w": 2}')
+            await write_file(ns, d, "runtime.json", b'{"r": 1}')
+            with pytest.raises(FsError):
+                await write_file(ns, d, "config.json", b'{oops')
+            await ns.rename(d, "config.json", d, "memory.json", 0, ALICE)
+        ops = [(e["op"], e["file"], e["version"]) for e in got]
+        assert ops == [("mkdir", None, None), ("write", "config.json", 1), ("write", "config.json", 2),
+                       ("write", "runtime.json", 1), ("rejected", "config.json", None),
+                       ("rename", "memory.json", 1)]
+        assert [e["seq"] for e in got] == sorted(e["seq"] for e in got)
+        assert got[1]["commit"] and len(got[1]["commit"]) == 40 and got[1]["uid"] == ALICE.uid
+        assert got[2]["note"] == "merge patch" and got[5]["from"] == "config.json"
+        assert got[4]["reason"].startswith("line 1 column 2") and got[4]["errno"] == "EINVAL"
+        # a slow reader: the oldest lines are dropped and reported
+        from agentstatefs.fs import events
+        for i in range(events.MAX_EVENTS + 10):
+            ns.events.emit("write", "x", "config.json")
+        data = await ns.read(h.fh, 0, 1 << 30)
+        lines = [json.loads(line) for line in data.splitlines()]
+        assert lines[0]["op"] == "lost" and lines[0]["count"] >= 10
+        assert lines[0]["count"] + len(lines) - 1 == events.MAX_EVENTS + 10
+        assert len(data) <= events.MAX_BYTES + 200
+        # a short read buffer gets the rest of a line next time
+        ns.events.emit("write", "x", "config.json")
+        a = await ns.read(h.fh, 0, 10)
+        b = await ns.read(h.fh, 0, 1 << 16)
+        assert len(a) == 10 and json.loads(a + b)["agent"] == "x"
+        await ns.release(h.fh)
+        assert not ns.events.subs
+        h = await ns.open(ev.ino, os.O_RDONLY | os.O_NONBLOCK, ALICE)
+        with pytest.raises(FsError) as e:
+            await ns.read(h.fh, 0, 100)
+        assert e.value.errno == errno.EAGAIN
+        await ns.release(h.fh)
+    run(tmp_path, body)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -152,3 +153,125 @@ def test_patches_race_plain_writers_and_lose_nothing(mnt):
             raise AssertionError(f"version not explained by one patch or write:\n{prev}\n-> {cur}")
     assert sorted(merges) == list(range(n)) and sorted(appends) == list(range(n))
     assert plain == 2 * n
+
+
+def _watch(mnt, *args):
+    return subprocess.Popen(AGENTSTATEFS + ["watch", "--mountpoint", str(mnt.mp), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_subscribed(mnt, proc):
+    """The watcher has opened @events once an event made now reaches it."""
+    import time
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(proc.stderr.read())
+        try:
+            if os.listxattr(mnt.mp) is not None and _subscribers(mnt) > 0:
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError("watcher never subscribed")
+
+
+def _subscribers(mnt) -> int:
+    pid = int(os.getxattr(mnt.mp, "user.agentstatefs.pid"))
+    target = str(mnt.mp / "@events")
+    n = 0
+    for p in os.listdir("/proc"):
+        if not p.isdigit() or int(p) == pid:
+            continue
+        try:
+            n += sum(os.readlink(f"/proc/{p}/fd/{fd}") == target for fd in os.listdir(f"/proc/{p}/fd"))
+        except OSError:
+            pass
+    return n
+
+
+def test_subscriber_sees_every_commit_in_order_and_rejections(mnt):
+    sh(f"mkdir {mnt / 'e1'}")
+    n = 100
+    watcher = _watch(mnt, "e1", "--count", str(n + 2))
+    _wait_subscribed(mnt, watcher)
+    writer = textwrap.dedent(f"""
+        import json
+        for i in range({n}):
+            with open("{mnt / 'e1/config.json'}", "w") as f:
+                json.dump({{"i": i}}, f)
+    """)
+    subprocess.run([sys.executable, "-c", writer], check=True)
+    sh(f"echo '{{oops' > {mnt / 'e1/memory.json'}")
+    sh(f"echo '{{\"m\": 1}}' > {mnt / 'e1/memory.json'}")
+    out, err = watcher.communicate(timeout=60)
+    assert watcher.returncode == 0, err
+    events = [json.loads(line) for line in out.splitlines()]
+    writes = [e for e in events if e["file"] == "config.json"]
+    assert [e["version"] for e in writes] == list(range(1, n + 1))
+    assert all(e["op"] == "write" and e["agent"] == "e1" and len(e["commit"]) == 40 and e["uid"] == 0
+               for e in writes)
+    assert [e["seq"] for e in events] == sorted(e["seq"] for e in events)
+    rej, mem = events[-2:]
+    assert rej["op"] == "rejected" and rej["file"] == "memory.json"
+    assert rej["reason"].startswith("line 1 column 2: Expecting property name")
+    assert mem["op"] == "write" and mem["file"] == "memory.json" and mem["version"] == 1
+    # every commit of the writer is there: their ids are the branch's, in order
+    commits = mnt.git("log", "--format=%H", "--reverse", "main").split()
+    assert [e["commit"] for e in writes] == commits[1:1 + n]     # after the mkdir
+
+
+def test_slow_subscriber_does_not_slow_writers_and_learns_its_loss(mnt):
+    import time
+    from agentstatefs.fs.events import MAX_EVENTS
+    sh(f"mkdir {mnt / 's1'}")
+    fd = os.open(mnt / "@events", os.O_RDONLY)     # subscribed, never read while writing
+    try:
+        t0 = time.monotonic()
+        writer = textwrap.dedent(f"""
+            for i in range({MAX_EVENTS + 500}):
+                with open("{mnt / 's1/runtime.json'}", "w") as f:
+                    f.write('{{"i": %d}}' % i)
+        """)
+        subprocess.run([sys.executable, "-c", writer], check=True, timeout=120)
+        slow = time.monotonic() - t0
+        data = b""
+        while not data.endswith(b"\n") or len(data) < 100:
+            data += os.read(fd, 1 << 20)
+    finally:
+        os.close(fd)
+    lines = [json.loads(line) for line in data.splitlines()]
+    assert lines[0]["op"] == "lost" and lines[0]["count"] >= 500
+    assert lines[-1]["file"] == "runtime.json" and lines[-1]["version"] == MAX_EVENTS + 500
+    # the same writes with nobody subscribed
+    t0 = time.monotonic()
+    subprocess.run([sys.executable, "-c", writer.replace("runtime.json", "memory.json").replace(
+        '{{"i": %d}}', '{{"j": %d}}')], check=True, timeout=120)
+    print(f"\n{MAX_EVENTS + 500} runtime writes: {slow:.2f}s with a stalled subscriber")
+    assert slow < 30
+
+
+def test_events_poll_and_shutdown_with_a_blocked_reader(mnt):
+    import select
+    import time
+    sh(f"mkdir {mnt / 'q1'}")
+    fd = os.open(mnt / "@events", os.O_RDONLY)
+    try:
+        p = select.poll()
+        p.register(fd, select.POLLIN)
+        assert p.poll(200) == []                          # nothing yet
+        sh(f"echo '{{\"a\": 1}}' > {mnt / 'q1/config.json'}")
+        ready = p.poll(5000)
+        assert ready and ready[0][1] & select.POLLIN
+        ev = json.loads(os.read(fd, 1 << 16).splitlines()[0])
+        assert ev["op"] == "write" and ev["agent"] == "q1"
+        assert p.poll(200) == []
+    finally:
+        os.close(fd)
+    # SIGTERM while a watcher is blocked in read(): the daemon ends the read and exits 0
+    watcher = _watch(mnt)
+    _wait_subscribed(mnt, watcher)
+    t0 = time.monotonic()
+    assert mnt.stop() == 0
+    out, err = watcher.communicate(timeout=30)
+    assert time.monotonic() - t0 < 15
