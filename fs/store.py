@@ -384,7 +384,9 @@ class Store:
             self.groups += 1
             for oid, change, files, _ in made:
                 self.history.append(self.git.repo[oid], change.agent, change.op, files)
-            self.history.flush()
+            # The index file is written out at checkpoints, not per group: an append
+            # between two journal fdatasyncs makes ext4 write it with each of them. After
+            # a crash it is repaired from git on open.
             return Group(results, self.git.head, views, [(o, c, v) for o, c, _, v in made])
 
     # -- checkpoint ---------------------------------------------------------------
@@ -406,6 +408,8 @@ class Store:
                 if head is not None:
                     self.git.write_ref(head)
                     self.flushed_head, self._flushed_serial = head, self._serial
+            if getattr(self, "history", None) is not None:   # (not yet during recovery)
+                self.history.flush()
             syncfs(self.repo_dir)
             self._write_checkpoint(head, seq)
             self.journal.drop_through(seq)
