@@ -245,10 +245,10 @@ def test_slow_subscriber_does_not_slow_writers_and_learns_its_loss(mnt):
     assert lines[-1]["file"] == "runtime.json" and lines[-1]["version"] == MAX_EVENTS + 500
     # the same writes with nobody subscribed
     t0 = time.monotonic()
-    subprocess.run([sys.executable, "-c", writer.replace("runtime.json", "memory.json").replace(
-        '{{"i": %d}}', '{{"j": %d}}')], check=True, timeout=120)
-    print(f"\n{MAX_EVENTS + 500} runtime writes: {slow:.2f}s with a stalled subscriber")
-    assert slow < 30
+    subprocess.run([sys.executable, "-c", writer.replace('{"i": %d}', '{"j": %d}')], check=True, timeout=120)
+    base = time.monotonic() - t0
+    print(f"\n{MAX_EVENTS + 500} runtime writes: {slow:.2f}s with a stalled subscriber, {base:.2f}s without")
+    assert slow < 2 * base + 2
 
 
 def test_events_poll_and_shutdown_with_a_blocked_reader(mnt):
