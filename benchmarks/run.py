@@ -604,6 +604,7 @@ class _TimedStore:
         self.flush_ns: list[int] = []
         self.total_ns: list[int] = []
         self.commits = 0
+        self.packed_at = 0
         self.repacks = 0
         self.repack_s = 0.0
         try:
@@ -643,12 +644,14 @@ class _TimedStore:
             self.store._flush_git = timed_flush
 
     def maybe_pack(self, force: bool = False) -> None:
-        due = (_packs(self.repo) > self.max_packs) if self.per_group_packs else (self.commits % 2000 == 0)
+        due = (_packs(self.repo) > self.max_packs) if self.per_group_packs else \
+            (self.commits - self.packed_at >= 2000)
         if force or due:
             t = time.perf_counter()
             subprocess.run(self._repack_cmd, check=True, capture_output=True)
             self.repack_s += time.perf_counter() - t
             self.repacks += 1
+            self.packed_at = self.commits
 
     def parts_note(self) -> str:
         med = statistics.median
