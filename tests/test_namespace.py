@@ -177,6 +177,10 @@ def test_scratch_rename_rechecks_after_await(tmp_path):
             await trio.testing.wait_all_tasks_blocked()
             await ns.unlink(d, "t.json", ALICE)
             await write_file(ns, d, "t.json", b'{"t": "new"}')
+            ns.store._commit_lock.release()     # only now may the rename's commit finish
+        # Hold the committer so the rename is certainly waiting at its await while the
+        # scratch name is unlinked and created again (whatever the machine's load).
+        ns.store._commit_lock.acquire()
         async with trio.open_nursery() as n:
             n.start_soon(ns.rename, d, "t.json", d, "config.json", 0, ALICE)
             n.start_soon(recreate)
