@@ -175,6 +175,10 @@ def run(repo: str, mountpoint: str, options: MountOptions, *, foreground: bool,
     # libgit2's object cache grows to hundreds of MB at 100,000 agents; our own LRUs
     # (agents, blobs) hold what matters, so keep libgit2's small.
     pygit2.option(pygit2.enums.Option.SET_CACHE_MAX_SIZE, 32 << 20)
+    # libgit2 keeps every pack it ever opened open and mapped, also after a repack deleted
+    # it; bound the open pack files (it closes the least recently used beyond this).
+    pygit2.option(pygit2.enums.Option.SET_MWINDOW_FILE_LIMIT, 64)
+    pygit2.option(pygit2.enums.Option.SET_MWINDOW_MAPPED_LIMIT, 256 << 20)
     # The committer and flusher threads hand work back and forth with the trio thread
     # several times per durable write; with the default 5 ms GIL switch interval a hand-off
     # could wait that long behind the event loop (measured: ~0.5 ms per write).

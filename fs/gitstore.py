@@ -172,6 +172,7 @@ class GitStore:
         self.group_objects: list = []    # objects first written by the current group
         self._tree_cache: OrderedDict = OrderedDict()
         self._memory = mempack.attach(self.repo, self.pending_objects)
+        self._attached = [self.pending_objects]   # memory backends to attach again on reopen
         self._head: pygit2.Oid | None = None
         self._root: pygit2.Tree | None = None
         self._load_head()
@@ -209,6 +210,21 @@ class GitStore:
                     ref.delete()
             else:
                 self.repo.references.create(BRANCH, oid, force=True)
+
+    def attach_memory(self, objects: dict) -> None:
+        mempack.attach(self.repo, objects)
+        self._attached.append(objects)
+
+    def reopen(self) -> None:
+        """A new repository handle: libgit2 keeps packs that a repack deleted open and
+        mapped for as long as a handle lives (file descriptors and memory grow with every
+        repack). Objects and trees already read stay valid; new reads use the new handle."""
+        repo = pygit2.Repository(self.path)
+        for objects in self._attached:
+            mempack.attach(repo, objects)
+        root = repo[self._head].tree if self._head is not None else None
+        with self._lock:
+            self.repo, self._root = repo, root
 
     def rewind(self, oid: pygit2.Oid | None, agents) -> None:
         """Move the in-memory head back to ``oid`` (a group that never became durable);

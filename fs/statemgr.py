@@ -161,6 +161,13 @@ class StateManager:
             else:
                 log.info("combined %d packs in %.2f s", packs, time.monotonic() - t0)
                 self.packs += 1
+                try:
+                    # Let go of the packs git deleted (libgit2 keeps them open otherwise).
+                    await trio.to_thread.run_sync(self.store.reopen_writer)
+                    if self.store._reader is not None:
+                        self.store.reader.reopen()
+                except Exception:
+                    log.exception("reopening the repository after packing failed")
 
     async def quiesce(self, timeout: float = 30.0) -> None:
         """Wait until no handler runs and nothing is pending (used before unmount)."""

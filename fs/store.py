@@ -116,7 +116,7 @@ class Store:
         if self._reader is None:
             self._reader = GitStore(self.repo_dir, create=False)
             # Objects of a durable group whose pack could not be written yet.
-            mempack.attach(self._reader.repo, self.git.pending_objects)
+            self._reader.attach_memory(self.git.pending_objects)
             self._reader._head = self.git.head
             self._reader._root = self.git.repo[self.git.head].tree if self.git.head is not None else None
         return self._reader
@@ -282,6 +282,12 @@ class Store:
     def commit_batch(self, changes: list[Change]) -> list:
         """Resolve, apply and durably journal ``changes`` in order (see ``commit_group``)."""
         return self.commit_group(changes).results
+
+    def reopen_writer(self) -> None:
+        """After a repack: the committer's repository handle again (see GitStore.reopen)."""
+        with self._commit_lock:
+            self.git.reopen()
+            self.history.repo = self.git.repo
 
     def flush_git(self) -> None:
         """Write the objects of acknowledged groups as one pack and point ``main`` at
