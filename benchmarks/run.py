@@ -633,7 +633,9 @@ class _TimedStore:
             finally:
                 self.git_ns.append(time.perf_counter_ns() - t)
         self.store.git.apply = timed_apply
-        flush = getattr(self.store, "_flush_git", None)
+        # The per-commit pack + ref write: `_flush_git` in revisions that had it, else `flush_git`.
+        flush_name = "_flush_git" if hasattr(self.store, "_flush_git") else "flush_git"
+        flush = getattr(self.store, flush_name, None)
         if flush is not None:
             def timed_flush(*args, **kwargs):
                 t = time.perf_counter_ns()
@@ -641,7 +643,7 @@ class _TimedStore:
                     return flush(*args, **kwargs)
                 finally:
                     self.flush_ns.append(time.perf_counter_ns() - t)
-            self.store._flush_git = timed_flush
+            setattr(self.store, flush_name, timed_flush)
 
     def maybe_pack(self, force: bool = False) -> None:
         due = (_packs(self.repo) > self.max_packs) if self.per_group_packs else \

@@ -166,7 +166,6 @@ class GitStore:
         self._blob_cache_max = blob_cache_bytes
         self._agents: set[str] | None = None
         self._agents_delta: dict = {}
-        self.verify_writes = False  # (unused since objects are packed from memory)
         self.pending_objects: dict = {}
         self._ref_fd: int | None = None
         self.group_objects: list = []    # objects first written by the current group

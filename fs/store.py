@@ -175,15 +175,11 @@ class Store:
                 self.git.reset_head(base)
         if records:
             log.info("recovery: replaying %d journal record(s) after seq %d", len(records), base_seq)
-            self.git.verify_writes = True
-            try:
-                for seq, payload in records:
-                    try:
-                        self.git.apply(Change.decode(payload))
-                    except FsError as exc:
-                        log.error("recovery: journal record %d does not apply (%s); skipped", seq, exc)
-            finally:
-                self.git.verify_writes = False
+            for seq, payload in records:
+                try:
+                    self.git.apply(Change.decode(payload))
+                except FsError as exc:
+                    log.error("recovery: journal record %d does not apply (%s); skipped", seq, exc)
         self.checkpoint(force=True)
 
     # -- commit -----------------------------------------------------------------
@@ -315,16 +311,6 @@ class Store:
             except OSError as exc:
                 log.error("could not update branch main on disk (%s); the next try will", exc)
 
-    def _flush_git(self) -> None:
-        try:
-            self.git.flush_objects()
-            if self.git.head is not None and self._serial > self._flushed_serial:
-                self.git.write_ref(self.git.head)
-                self.flushed_head, self._flushed_serial = self.git.head, self._serial
-        except (OSError, pygit2.GitError) as exc:
-            log.error("could not write git objects or branch main (%s); they stay in memory "
-                      "until the next try", exc)
-
     def commit_group(self, changes: list[Change], flush: bool = True) -> "Group":
         """Resolve, apply and durably journal ``changes`` in order, as one group.
 
@@ -332,9 +318,17 @@ class Store:
         changed, ``ORPHAN``, or an FsError), the new head and the agents it changed.
         Every Oid returned is durable when this returns; on a journal failure nothing
         of the group is (the in-memory head goes back, the ref on disk never moved).
+        With ``flush`` (offline use) its objects and the ref are written before returning;
+        the daemon passes False and lets its flusher do that behind the acknowledgement.
         """
         if self.readonly or self.journal is None:
             return Group([FsError(errno.EROFS, "mounted read-only") for _ in changes], self.git.head, {})
+        group = self._commit_group(changes)
+        if flush and group.views:
+            self.flush_git()
+        return group
+
+    def _commit_group(self, changes: list[Change]) -> "Group":
         with self._commit_lock:
             head0 = self.git.head
             self.git.group_objects = []
@@ -383,8 +377,6 @@ class Store:
                 results = [err if not isinstance(r, FsError) and r is not None and r != ch.ORPHAN else r
                            for r in results]
                 return Group(results, head0, {})
-            if flush:
-                self._flush_git()
             self.commits += len(payloads)
             self._serial += 1
             self.groups += 1
