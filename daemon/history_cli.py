@@ -15,6 +15,7 @@ import time
 from contextlib import contextmanager
 
 from ..fs import changes as ch
+from ..fs import private
 from ..fs.errors import FsError, RepoError
 from ..fs.history import iso
 from ..fs.names import DURABLE_FILES, check_agent_id
@@ -40,9 +41,30 @@ def _mounted_at(repo: str) -> str | None:
     return None
 
 
+def check_readable(repo: str) -> None:
+    """The repository is private to the daemon's user (0700): anyone else gets a clear
+    message pointing at the mount, where history is served with permission checks
+    (reading the repository directly would bypass them, docs/security.md)."""
+    try:
+        os.stat(os.path.join(repo, "objects"))
+    except PermissionError:
+        try:
+            owner = os.stat(repo).st_uid
+        except OSError:
+            owner = None
+        by = f" (uid {owner})" if owner is not None else ""
+        raise RepoError(f"{repo} is private to the daemon's user{by}; as another user read history "
+                        f"through the mount, where your permissions are checked: "
+                        f"MOUNTPOINT/<id>/@history/<rev>/<file> or MOUNTPOINT/@history/<rev>/<id>/<file>") from None
+    except OSError:
+        pass
+
+
 @contextmanager
 def open_store(repo: str, write: bool = False):
     """A Store for the CLI: recovering (and locked) when no daemon holds the repo."""
+    private.restrict_umask()
+    check_readable(repo)
     if not os.path.isdir(os.path.join(repo, "objects")):
         raise RepoError(f"{repo} is not an agentstatefs repository")
     lock = RepoLock(repo)

@@ -6,11 +6,12 @@ import os
 import subprocess
 import sys
 
-from ..fs import fsck
+from ..fs import fsck, private
 from .options import DEFAULT_REPO_ROOT, DEFAULT_TENANT
 
 
 def cmd_fsck(args) -> int:
+    private.restrict_umask()
     if not os.path.isdir(os.path.join(args.repo, "objects")):
         print(f"agentstatefs: {args.repo} is not an agentstatefs repository", file=sys.stderr)
         return 1
@@ -24,6 +25,7 @@ def cmd_fsck(args) -> int:
 
 
 def cmd_gc(args) -> int:
+    private.restrict_umask()
     try:
         before, after = fsck.gc(args.repo)
     except subprocess.CalledProcessError as exc:

@@ -19,6 +19,7 @@ import pyfuse3
 import pygit2
 import trio
 
+from ..fs import private
 from ..fs.errors import RepoError
 from ..fs.repolock import RepoLock
 from ..fs.store import Store
@@ -129,6 +130,10 @@ def run(repo: str, mountpoint: str, options: MountOptions, *, foreground: bool,
         debug: bool = False, systemd: bool = False, log_file: str | None = None) -> int:
     repo = os.path.abspath(repo)
     mountpoint = os.path.abspath(mountpoint)
+    # Everything the daemon (and libgit2, and git repack) creates is private, whatever
+    # the umask it was started with (SPEC 3); the mount's own files get their modes
+    # from each caller's umask, not from this one.
+    private.restrict_umask()
     ready_w = None
     if not foreground:
         ready_r, ready_w = os.pipe()
@@ -149,7 +154,7 @@ def run(repo: str, mountpoint: str, options: MountOptions, *, foreground: bool,
         os.setsid()
         log_path = log_file or os.path.join(repo, "agentstatefs", "daemon.log")
         os.makedirs(os.path.dirname(log_path), exist_ok=True)
-        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         devnull = os.open(os.devnull, os.O_RDWR)
         os.dup2(devnull, 0)
         os.dup2(fd, 1)
@@ -157,7 +162,7 @@ def run(repo: str, mountpoint: str, options: MountOptions, *, foreground: bool,
         os.close(fd)
         os.close(devnull)
     elif log_file:
-        fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         os.dup2(fd, 2)
         os.close(fd)
     logs.setup(debug=debug, systemd=systemd)
@@ -188,7 +193,8 @@ def run(repo: str, mountpoint: str, options: MountOptions, *, foreground: bool,
         prepare_mountpoint(mountpoint)
         if options.ro and not os.path.isdir(repo):
             raise RepoError(f"repository {repo} does not exist (read-only mount cannot create it)")
-        os.makedirs(repo, exist_ok=True)
+        os.makedirs(repo, mode=0o700, exist_ok=True)
+        private.tighten(repo)
         if not options.ro:
             lock.acquire(mountpoint)
         store = Store(repo, readonly=options.ro)
