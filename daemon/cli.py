@@ -112,6 +112,7 @@ VERB_MODULES: list[str] = [
     "install",
     "history_cli",
     "maint_cli",
+    "prune_cli",
     "put_cli",
 ]
 

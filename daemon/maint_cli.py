@@ -1,4 +1,4 @@
-"""Maintenance verbs: ``fsck`` (check, never modify) and ``gc`` (pack, prune)."""
+"""Maintenance verbs: ``fsck`` (check, never modify) and ``gc`` (pack, drop unreachable objects)."""
 
 from __future__ import annotations
 
@@ -24,17 +24,45 @@ def cmd_fsck(args) -> int:
     return 0 if r.ok else 1
 
 
+def gc_offline(repo: str) -> tuple[int, int, int, int]:
+    """Recover (so the checkpointed commit is what ``main`` names), then pack and prune."""
+    from ..fs.repolock import RepoLock
+    from ..fs.store import Store
+    lock = RepoLock(repo)
+    lock.acquire("(offline gc)")
+    try:
+        Store(repo, create=False).close()
+        loose = fsck.loose_object_count(repo)
+        before, after = fsck.gc(repo)
+        return before, after, loose, fsck.loose_object_count(repo)
+    finally:
+        lock.release()
+
+
 def cmd_gc(args) -> int:
     private.restrict_umask()
+    from ..fs.errors import FsError, RepoError
+    from .prune_cli import GC_XATTR, mounted_at, run_online
+    repo = os.path.abspath(args.repo)
     try:
-        before, after = fsck.gc(args.repo)
+        if not os.path.isdir(os.path.join(repo, "objects")):
+            raise RepoError(f"{repo} is not an agentstatefs repository")
+        mp = mounted_at(repo)
+        if mp is not None:
+            r = run_online(mp, GC_XATTR, {}, "gc")
+            before, after = r["bytes_before"], r["bytes_after"]
+            loose = None
+        else:
+            before, after, loose, loose_after = gc_offline(repo)
     except subprocess.CalledProcessError as exc:
         print(f"agentstatefs: gc failed: {exc.stderr.strip()}", file=sys.stderr)
         return 1
-    except OSError as exc:
-        print(f"agentstatefs: gc failed: {exc}", file=sys.stderr)
+    except (OSError, FsError, RepoError) as exc:
+        print(f"agentstatefs: gc failed: {getattr(exc, 'reason', exc)}", file=sys.stderr)
         return 1
-    print(f"packed: {before} loose objects before, {after} after")
+    where = f" (through the mount at {mp})" if mp else ""
+    print(f"repository objects: {before} bytes before, {after} after{where}"
+          + (f"; packed: {loose} loose objects before, {loose_after} after" if loose is not None else ""))
     return 0
 
 
@@ -43,6 +71,6 @@ def register(sub) -> None:
     p = sub.add_parser("fsck", help="verify every object, agent metadata, checkpoint and journal")
     p.add_argument("--repo", default=default_repo)
     p.set_defaults(func=cmd_fsck)
-    p = sub.add_parser("gc", help="pack loose objects and prune unreachable ones (safe while mounted)")
+    p = sub.add_parser("gc", help="pack every object, drop unreachable ones (pruned history); mounted or not")
     p.add_argument("--repo", default=default_repo)
     p.set_defaults(func=cmd_gc)

@@ -89,6 +89,7 @@ async def _serve(ops: AgentFS, sm: StateManager, mountpoint: str, on_ready, noti
         nursery.start_soon(sm.run_committer)
         nursery.start_soon(sm.run_flusher)
         nursery.start_soon(sm.run_checkpointer)
+        nursery.start_soon(sm.run_maintenance)      # prune and gc asked for through the mount
         # Combining the per-group packs is part of the storage engine: it runs whatever
         # pack_every says (0 only turns off the commit-count trigger).
         nursery.start_soon(sm.run_packer, ops.opts.pack_every or None, 5.0)

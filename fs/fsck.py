@@ -6,8 +6,9 @@ the journal, and runs ``git fsck --full --strict`` for the syntax of every objec
 (malformed author lines, trees, tags) and the connectivity of every ref. It never
 modifies the repository.
 
-gc packs loose objects with ``git repack -d`` (packs fsynced) and prunes unreachable
-objects older than two weeks. It takes no ref locks, so it is safe while mounted.
+gc packs every reachable object with ``git repack -a -d`` (packs fsynced) and prunes
+every unreachable one. While mounted it runs through the daemon (which keeps new
+objects in memory meanwhile); offline, after recovery.
 """
 
 from __future__ import annotations
@@ -261,10 +262,30 @@ def repack_command(repo_dir: str) -> list[str]:
     return ["git", "-C", repo_dir, *GIT_DURABLE, "repack", "-a", "-d", "-q"]
 
 
+def gc_commands(repo_dir: str) -> list[list[str]]:
+    """Pack every reachable object into one fsynced pack, deleting the packs it replaces
+    with the unreachable objects they held (the old chain after a prune, commits dropped
+    by recovery), then delete unreachable loose objects. Only safe when nothing is being
+    written that ``main`` does not name yet: offline, or with the daemon holding its
+    writes in memory (``Store.hold_for_gc``)."""
+    return [repack_command(repo_dir), ["git", "-C", repo_dir, "prune", "--expire=now"]]
+
+
+def repo_bytes(repo_dir: str) -> int:
+    """Bytes of git objects (packs and loose) in the repository."""
+    total = 0
+    for root, _, files in os.walk(os.path.join(repo_dir, "objects")):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
 def gc(repo_dir: str) -> tuple[int, int]:
-    """Pack and prune; returns loose object counts (before, after)."""
-    before = loose_object_count(repo_dir)
-    subprocess.run(repack_command(repo_dir), check=True, capture_output=True, text=True)
-    subprocess.run(["git", "-C", repo_dir, "prune", "--expire=2.weeks.ago"], check=True,
-                   capture_output=True, text=True)
-    return before, loose_object_count(repo_dir)
+    """Pack and prune an unmounted, recovered repository; returns object bytes (before, after)."""
+    before = repo_bytes(repo_dir)
+    for cmd in gc_commands(repo_dir):
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return before, repo_bytes(repo_dir)

@@ -235,6 +235,13 @@ class GitStore:
                 self._agent_cache.pop(a, None)
             self._agents = None
 
+    def move_head(self, oid: pygit2.Oid) -> None:
+        """Point the in-memory head at ``oid``, a commit with the same tree as the head
+        (a rewritten history, see prune.py): every cached agent stays valid."""
+        root = self.repo[oid].tree
+        with self._lock:
+            self._head, self._root = oid, root
+
     def publish(self, oid: pygit2.Oid, views: dict) -> None:
         """Reader side: make ``oid`` the head readers see, with the agents the writer
         changed (``{agent: AgentView or None}``, immutable views shared with it)."""

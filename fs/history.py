@@ -175,6 +175,34 @@ class CommitIndex:
                         f.writelines(self._encode(e) for e in self.entries[keep:])
                 self._file = open(self.path, "a")
 
+    def replace(self, entries: list[Entry]) -> None:
+        """The whole index after a history rewrite (prune): in memory, and the file
+        written anew (temporary file + rename; it is repaired from ``main`` on open
+        anyway, so a crash on either side of the rename is harmless)."""
+        with self._lock:
+            self.entries, self._pos, self._by_agent, self._versions, self._last = [], {}, {}, {}, {}
+            self._sorted = None
+            for e in entries:
+                self._add(e)
+            if self.path and self.writable:
+                if self._file is not None:
+                    self._file.close()
+                tmp = self.path + ".tmp"
+                with open(tmp, "w") as f:
+                    f.writelines(self._encode(e) for e in self.entries)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.path)
+                self._file = open(self.path, "a")
+
+    def snapshot(self, upto: str | None = None) -> list[Entry]:
+        """The entries up to commit ``upto`` (all when None), oldest first."""
+        with self._lock:
+            if upto is None:
+                return list(self.entries)
+            pos = self._pos.get(upto)
+            return [] if pos is None else self.entries[:pos + 1]
+
     def append(self, commit: pygit2.Commit, agent: str, op: str, files: dict[str, str]) -> None:
         """Record a commit just made (files: durable name -> blob hex or "-")."""
         e = Entry(str(commit.id), commit.commit_time, agent, op,

@@ -50,6 +50,10 @@ class InodeTable:
                 return ino
             salt += 1  # in use by another key (a collision, or a retired incarnation)
 
+    def keys_of_kind(self, kind: str) -> list[tuple[tuple, int]]:
+        """(key, inode) of every live key whose first element is ``kind``."""
+        return [(k, i) for k, i in self._inos.items() if k[0] == kind]
+
     def peek(self, key: tuple) -> int | None:
         return self._inos.get(key)
 

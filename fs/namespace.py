@@ -21,6 +21,7 @@ Ownership rules (docs/architecture.md):
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import select
@@ -58,6 +59,9 @@ RENAME_WHITEOUT = 4
 IF_VERSION = "user.agentstatefs.if-version"    # compare-and-swap condition on a scratch file
 PATCH_DIR = "@patch"                            # M/<id>/@patch/<state>.json: write-only patches
 EVENTS_FILE = "@events"                         # M/@events: the change stream
+PRUNE_XATTR = "user.agentstatefs.prune"         # set on the root: start a prune (JSON policy)
+GC_XATTR = "user.agentstatefs.gc"               # set on the root: start a gc
+MAINTENANCE_XATTR = "user.agentstatefs.maintenance"   # the running/last prune or gc (JSON)
 
 
 def parse_if_version(value: bytes) -> int:
@@ -162,6 +166,7 @@ class Namespace:
         self.uid, self.gid = root_owner or (os.getuid(), os.getgid())
         self.history = HistoryView(store, self.inodes, self.runtime, self._hist_entry, (self.uid, self.gid))
         statemgr.on_publish = self.publish
+        statemgr.on_rewrite = self.rewrite
 
     # -- publishing (committer -> readers) ----------------------------------------------
     def publish(self, group) -> None:
@@ -190,6 +195,20 @@ class Namespace:
                 self.kernel.invalidate_attr(ino)
         for oid, change, versions in group.made:
             self._emit_commit(oid, change, versions)
+
+    def rewrite(self, summary: dict) -> None:
+        """History was rewritten (prune, run in the committer): the readers' head moves
+        to the new chain's head (same tree, so every cached agent and file stays valid),
+        and kernel entries of ``@history`` names whose commit is gone are dropped (full
+        ids are cached for an hour otherwise)."""
+        import pygit2
+        self.git.move_head(pygit2.Oid(hex=summary["new_head"]))
+        index = self.store.history
+        for key, _ in self.inodes.keys_of_kind("hist-commit"):
+            if index.position(key[3]) is None:
+                parent = self.inodes.peek(("hist-root", key[1]))
+                if parent is not None:
+                    self.kernel.invalidate_entry(parent, key[2])
 
     def _emit_commit(self, oid, change: Change, versions: dict) -> None:
         w = change.who
@@ -1385,7 +1404,32 @@ class Namespace:
         head, flushed = self.git.head, self.store.flushed_head
         return {"user.agentstatefs.pid": str(os.getpid()).encode(),
                 "user.agentstatefs.head": str(head or "").encode(),
-                "user.agentstatefs.git-head": str(flushed or "").encode()}
+                "user.agentstatefs.git-head": str(flushed or "").encode(),
+                MAINTENANCE_XATTR: json.dumps(self.sm.maintenance.status()).encode()}
+
+    def _maintenance_request(self, name: str, value: bytes, caller: Caller) -> None:
+        """prune/gc asked for through the mount root: the operator only (root or the
+        daemon's own user); the state manager runs it in the background."""
+        if caller.uid not in (0, os.getuid()):
+            raise FsError(errno.EPERM, f"only root or uid {os.getuid()} may {name.rsplit('.', 1)[-1]}")
+        if self.store.readonly:
+            raise FsError(errno.EROFS, "mounted read-only")
+        try:
+            req = json.loads(bytes(value[:4096]).decode())
+            if not isinstance(req, dict):
+                raise ValueError("not an object")
+            token = req.pop("token", "")
+            if not isinstance(token, str) or len(token) > 64:
+                raise ValueError("bad token")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise FsError(errno.EINVAL, f"{name}: not a JSON request ({exc})") from None
+        if name == PRUNE_XATTR:
+            from .prune import Policy
+            self.sm.request("prune", Policy.from_json(req), token)
+        else:
+            if req:
+                raise FsError(errno.EINVAL, f"{name}: takes no arguments")
+            self.sm.request("gc", None, token)
 
     async def listxattr(self, ino: int, caller: Caller) -> list[str]:
         key = self.inodes.key(ino)
@@ -1403,6 +1447,9 @@ class Namespace:
 
     async def setxattr(self, ino: int, name: str, value: bytes, caller: Caller) -> None:
         key = self.inodes.key(ino)
+        if key[0] == "root" and name in (PRUNE_XATTR, GC_XATTR):
+            self._maintenance_request(name, value, caller)
+            return
         if key[0].startswith("hist-") or key[0] in ("rejected-dir", "rejected"):
             raise FsError(errno.EROFS, "history is read-only" if key[0].startswith("hist-")
                           else f"{REJECTED_DIR} is read-only")

@@ -50,6 +50,10 @@ class StateManager:
         self.on_publish = lambda group: None   # set by the namespace
         self._flush_wanted = trio.Event()
         self.flush_delay = 0.05      # seconds the repository as git may trail the journal
+        # Maintenance (prune, gc) asked for through the mount: one at a time.
+        self.on_rewrite = lambda summary: None   # set by the namespace: history was rewritten
+        self.maintenance = Maintenance()
+        self._in_committer: list = []            # (function, trio.Event, box): run between groups
 
     async def commit(self, change: Change):
         """Commit ``change`` durably; returns the commit Oid or None (no change)."""
@@ -66,6 +70,16 @@ class StateManager:
 
     async def run_committer(self) -> None:
         while True:
+            if self._in_committer:
+                # Between two groups (the previous one is published): the one owner of the
+                # head runs a history rewrite, so no group is in progress or lost.
+                fn, done, box = self._in_committer.pop(0)
+                try:
+                    box.append(await trio.to_thread.run_sync(fn))
+                except BaseException as exc:   # handed back to the waiting task
+                    box.append(exc)
+                done.set()
+                continue
             if not self._pending:
                 self._idle.set()
                 await self._wakeup.wait()
@@ -146,6 +160,8 @@ class StateManager:
                 packs = sum(1 for e in os.scandir(pack_dir) if e.name.endswith(".pack"))
             except OSError:
                 packs = 0
+            if self.maintenance.busy:
+                continue      # gc repacks everything itself
             if packs <= max_packs and (every_commits is None or self.store.commits - packed_at < every_commits):
                 continue
             packed_at = self.store.commits
@@ -180,3 +196,139 @@ class StateManager:
                         return
                 else:
                     await trio.sleep(0.01)
+
+    # -- maintenance through the mount: prune and gc ---------------------------------------
+    async def _run_in_committer(self, fn):
+        done, box = trio.Event(), []
+        self._in_committer.append((fn, done, box))
+        self._wakeup.set()
+        await done.wait()
+        if isinstance(box[0], BaseException):
+            raise box[0]
+        return box[0]
+
+    def request(self, kind: str, arg=None, token: str = "") -> None:
+        """Start a prune (``arg``: a prune.Policy) or a gc in the background; EBUSY
+        while one runs. Progress and outcome: ``self.maintenance.status()``."""
+        m = self.maintenance
+        if m.busy:
+            raise FsError(errno.EBUSY, f"{m.kind} already running")
+        m.start(kind, token)
+        m._jobs.append((kind, arg))
+        m._wakeup.set()
+
+    async def run_maintenance(self) -> None:
+        m = self.maintenance
+        while True:
+            if not m._jobs:
+                await m._wakeup.wait()
+                m._wakeup = trio.Event()
+                continue
+            kind, arg = m._jobs.pop(0)
+            try:
+                if kind == "prune":
+                    result = await self._prune(arg)
+                else:
+                    result = await self._gc()
+            except FsError as exc:
+                log.error("%s failed: %s", kind, exc)
+                m.finish(error=f"{exc.reason} ({errno.errorcode.get(exc.errno, exc.errno)})")
+            except Exception as exc:
+                log.exception("%s failed", kind)
+                m.finish(error=f"internal error: {exc}")
+            else:
+                m.finish(result=result)
+
+    async def _prune(self, policy) -> dict:
+        import pygit2
+
+        from .prune import PruneJob, pause
+        m = self.maintenance
+        await trio.to_thread.run_sync(self.store.flush_git)
+        old_head, entries = self.store.prune_snapshot()
+        repo = pygit2.Repository(self.store.repo_dir)
+        job = PruneJob(repo, policy, on_progress=m.progress_from)
+        m.job = job
+        # The bulk of the work (reading every commit, writing new ones in memory) runs
+        # beside the committer; only the commits made meanwhile and the switch run in it.
+        await trio.to_thread.run_sync(job.build, entries)
+        await trio.to_thread.run_sync(pause, "built")
+        summary = await self._run_in_committer(lambda: self.store.finish_prune(job))
+        if not summary.get("noop"):
+            try:
+                self.on_rewrite(summary)
+            except Exception:
+                log.exception("publishing the rewritten history failed")
+        return summary
+
+    async def _gc(self) -> dict:
+        from .fsck import gc_commands, repo_bytes
+        m = self.maintenance
+        before = repo_bytes(self.store.repo_dir)
+        m.phase = "holding"
+        await trio.to_thread.run_sync(self.store.hold_for_gc)
+        try:
+            for i, cmd in enumerate(gc_commands(self.store.repo_dir)):
+                m.phase, m.done, m.total = "repacking" if i == 0 else "pruning", i, 2
+                result = await trio.run_process(cmd, capture_stdout=True, capture_stderr=True, check=False)
+                if result.returncode != 0:
+                    raise FsError(errno.EIO, f"{'repack' if i == 0 else 'prune'} failed: "
+                                  f"{result.stderr.decode(errors='replace').strip()[:500]}")
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self.store.release_after_gc)
+                if self.store._reader is not None:
+                    self.store.reader.reopen()
+                self._flush_wanted.set()
+        after = repo_bytes(self.store.repo_dir)
+        log.info("gc: repository %d -> %d bytes", before, after)
+        return {"bytes_before": before, "bytes_after": after}
+
+
+class Maintenance:
+    """What the running (or last) prune/gc is doing: read by ``@``-xattrs and metrics."""
+
+    def __init__(self):
+        self.kind: str | None = None
+        self.token = ""
+        self.state = "idle"      # idle, running, done, failed
+        self.phase = ""
+        self.done = self.total = 0
+        self.result: dict | None = None
+        self.error: str | None = None
+        self.started = self.finished = 0.0
+        self.runs = {"prune": 0, "gc": 0}
+        self.failures = {"prune": 0, "gc": 0}
+        self.job = None
+        self._jobs: list = []
+        self._wakeup = trio.Event()
+
+    @property
+    def busy(self) -> bool:
+        return self.state == "running"
+
+    def start(self, kind: str, token: str) -> None:
+        self.kind, self.token, self.state = kind, token, "running"
+        self.phase, self.done, self.total = "starting", 0, 0
+        self.result = self.error = None
+        self.job = None
+        self.started, self.finished = time.time(), 0.0
+
+    def progress_from(self, p) -> None:
+        self.phase, self.done, self.total = p.phase, p.done, p.total
+
+    def finish(self, result: dict | None = None, error: str | None = None) -> None:
+        if self.job is not None:
+            self.progress_from(self.job.progress)
+        self.result, self.error = result, error
+        self.state = "failed" if error else "done"
+        self.phase = self.state
+        self.finished = time.time()
+        self.runs[self.kind] = self.runs.get(self.kind, 0) + 1
+        if error:
+            self.failures[self.kind] = self.failures.get(self.kind, 0) + 1
+
+    def status(self) -> dict:
+        return {"kind": self.kind, "token": self.token, "state": self.state, "phase": self.phase,
+                "done": self.done, "total": self.total, "result": self.result, "error": self.error,
+                "started": self.started, "finished": self.finished}

@@ -96,6 +96,7 @@ class Store:
         self.flushed_head = None     # what refs/heads/main on disk names
         self._serial = 0             # counts head moves; the ref only ever moves forward
         self._flushed_serial = 0
+        self.hold_git = False        # gc running: objects stay in memory, the ref stays put
         self._cp = self._read_checkpoint()
         if not readonly:
             if not os.access(self.repo_dir, os.W_OK) or not os.access(os.path.join(self.repo_dir, "objects"), os.W_OK):
@@ -292,6 +293,8 @@ class Store:
         millisecond. The pack is written without the commit lock: the next group is
         built meanwhile."""
         with self._commit_lock:
+            if self.hold_git:
+                return
             objects = dict(self.git.pending_objects)
             head, serial = self.git.head, self._serial
         try:
@@ -390,10 +393,12 @@ class Store:
     # -- checkpoint ---------------------------------------------------------------
     def checkpoint(self, force: bool = False) -> bool:
         """Make git durable up to the current head and drop the journal it covers."""
-        if self.readonly or self.journal is None:
+        if self.readonly or self.journal is None or self.hold_git:
             return False
         with self._checkpoint_lock:
             with self._commit_lock:
+                if self.hold_git:
+                    return False
                 head = self.git.head
                 seq = self.journal.next_seq - 1
                 cp_commit = self._cp["commit"] if self._cp else None
@@ -414,7 +419,90 @@ class Store:
             self.last_checkpoint = time.monotonic()
             return True
 
+    # -- retention and gc (run by the state manager's committer, or offline) -----------
+    def prune_snapshot(self) -> tuple[str | None, list]:
+        """The history up to what git's ``main`` on disk names (every object of it is in
+        a pack, so a prune job can read it with its own repository handle)."""
+        head = self.flushed_head
+        if head is None:
+            return None, []
+        return str(head), self.history.snapshot(str(head))
+
+    def finish_prune(self, job) -> dict:
+        """Finish ``job`` (prune.PruneJob, built from ``prune_snapshot``) and switch to
+        the new chain. Holds the commit lock: no group is in progress or lost.
+
+        Steps, and what a crash after each leaves (recovery resets ``main`` to the
+        checkpointed commit and replays the journal after it):
+        1. commits made since the snapshot are rewritten too; every pending object and
+           the new chain's objects are written, fsynced, and ``syncfs`` -> old chain;
+        2. ``agentstatefs/checkpoint`` names the new head with the journal's last
+           sequence number (rename: the atomic switch) -> new chain, nothing to replay;
+        3. ``main``, the in-memory heads, the history index, ``pruned.json``, journal
+           segments -> each is repaired from the checkpoint on open."""
+        from .prune import pause, write_record
+        if self.readonly or self.journal is None:
+            raise FsError(errno.EROFS, "mounted read-only")
+        with self._checkpoint_lock:
+            with self._commit_lock:
+                if job.noop:
+                    return job.summary()
+                pos = self.history.position(job.old_head) if job.old_head else None
+                if pos is None:
+                    raise FsError(errno.EAGAIN, "history changed under the prune; try again")
+                tail = self.history.entries[pos + 1:]
+                self.git.flush_objects()
+                job.extend(tail)
+                job.write_objects()
+                pause("pack")
+                seq = self.journal.next_seq - 1
+                self.journal.open_new_segment()
+                self.journal.bytes_since_checkpoint = 0
+                syncfs(self.repo_dir)
+                pause("synced")
+                new = pygit2.Oid(hex=job.new_head)
+                self._write_checkpoint(new, seq)          # the switch
+                job.progress.phase = "switched"
+                pause("checkpoint")
+                self.git.write_ref(new)
+                self.git.move_head(new)
+                self._serial += 1
+                self.flushed_head, self._flushed_serial = new, self._serial
+                self.history.replace(job.entries)
+                pause("index")
+            self.journal.drop_through(seq)
+            self.last_checkpoint = time.monotonic()
+            summary = job.summary()
+            try:
+                write_record(self.repo_dir, summary)
+            except OSError as exc:
+                log.warning("prune: could not write pruned.json (%s)", exc)
+            job.progress.phase = "done"
+            log.info("prune: kept %d commit(s), dropped %d; main is now %s (was %s)",
+                     summary["kept"], summary["dropped"], job.new_head, job.old_head)
+            return summary
+
+    def hold_for_gc(self) -> None:
+        """Before ``git repack -a -d`` + ``git prune --expire=now`` while mounted: every
+        object is written and ``main`` names the head; from now on new objects stay in
+        memory (readable) and the ref stays put until ``release_after_gc``, so nothing
+        the repack does not see as reachable can be lost."""
+        with self._checkpoint_lock:
+            with self._commit_lock:
+                self.git.flush_objects()
+                if self.git.head is not None:
+                    self.git.write_ref(self.git.head)
+                    self.flushed_head, self._flushed_serial = self.git.head, self._serial
+                self.hold_git = True
+
+    def release_after_gc(self) -> None:
+        """(The caller reopens the readers' handle on its own thread.)"""
+        with self._commit_lock:
+            self.hold_git = False
+        self.reopen_writer()
+
     def close(self) -> None:
+        self.hold_git = False
         self.history.close()
         if self.journal is not None:
             try:

@@ -204,7 +204,7 @@ def test_fsck_and_gc_cli(mounts):
     r = subprocess.run(CLI + ["fsck", "--repo", str(m.repo)], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.startswith("ok:") and "2 agents" in r.stdout
     r = subprocess.run(CLI + ["gc", "--repo", str(m.repo)], capture_output=True, text=True)
-    assert r.returncode == 0 and r.stdout.strip().endswith("0 after"), r.stdout + r.stderr
+    assert r.returncode == 0 and "bytes before" in r.stdout and "through the mount" in r.stdout, r.stdout + r.stderr
     (m / "a1/config.json").write_text('{"after": "gc"}')  # mounted daemon reads from the pack
     assert json.loads(read(m / "a2/memory.json")) == [1]
     m.stop()
