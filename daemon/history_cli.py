@@ -1,13 +1,22 @@
 """History verbs: ``log``, ``diff``, ``show``, ``restore`` (mounted or unmounted repo).
 
 Reads go straight to the repository (read-only while a daemon serves it). ``restore``
-on a mounted repository writes through the mount, so the daemon stays the only writer;
-on an unmounted one it takes the repository lock and commits through the store.
+on a mounted repository copies the version out of the mount's ``@history`` onto the
+state file (one commit through the daemon, which stays the only writer, labelled a
+restore because this process read that version from ``@history``); on an unmounted one
+it takes the repository lock and commits a RESTORE through the store.
+
+Revisions given with an agent (``show REV AGENT/FILE``, ``diff REV1 REV2 AGENT[/FILE]``,
+``restore ID FILE REV``) are in that agent's context, as in ``M/<id>/@history``:
+``HEAD~1`` is the agent's previous version and a time picks the agent's last commit at
+or before it. Commit ids and prefixes name any commit. A restore that would change
+nothing exits 1 and says so.
 """
 
 from __future__ import annotations
 
 import difflib
+import errno
 import json
 import os
 import sys
@@ -17,7 +26,7 @@ from contextlib import contextmanager
 from ..fs import changes as ch
 from ..fs import private
 from ..fs.errors import FsError, RepoError
-from ..fs.history import iso
+from ..fs.history import TIME_FORMS, iso
 from ..fs.names import DURABLE_FILES, check_agent_id
 from ..fs.repolock import RepoLock
 from ..fs.store import Store
@@ -113,8 +122,21 @@ def cmd_log(args) -> int:
     return 0
 
 
+def _resolve(store, rev: str, agent: str | None):
+    """A revision, in ``agent``'s context when given (HEAD~N and times count its commits;
+    commit ids and prefixes name any commit, as they mean the same state of the agent)."""
+    idx = store.history
+    if agent is not None:
+        try:
+            return idx.resolve(rev, agent)
+        except FsError:
+            if not (len(rev) >= 4 and all(c in "0123456789abcdef" for c in rev)):
+                raise
+    return idx.resolve(rev)
+
+
 def _file_at(store, rev: str, agent: str, name: str) -> tuple[bytes | None, dict | None, str]:
-    e = store.history.resolve(rev)
+    e = _resolve(store, rev, agent)
     view = store.git.agent_at(e.commit, agent)
     if view is None or name not in view.files:
         return None, None, e.commit
@@ -141,7 +163,8 @@ def cmd_show(args) -> int:
 
 def cmd_diff(args) -> int:
     with open_store(args.repo) as store:
-        c1, c2 = store.history.resolve(args.rev1).commit, store.history.resolve(args.rev2).commit
+        scope = _split_path(args.path)[0] if args.path else None
+        c1, c2 = _resolve(store, args.rev1, scope).commit, _resolve(store, args.rev2, scope).commit
         if args.path:
             agent, name = _split_path(args.path)
             pairs = [(agent, n) for n in ([name] if name else DURABLE_FILES)]
@@ -175,31 +198,77 @@ def cmd_restore(args) -> int:
     if args.file not in DURABLE_FILES:
         raise FsError(2, f"{args.file}: only {', '.join(DURABLE_FILES)} can be restored")
     mountpoint = _mounted_at(args.repo)
-    with open_store(args.repo, write=mountpoint is None) as store:
+    if mountpoint:
+        return _restore_mounted(args, agent, mountpoint)
+    if mountpoint is not None:
+        raise RepoError(f"{args.repo} is in use but its mount point is unknown; restore with cp from @history")
+    with open_store(args.repo, write=True) as store:
         data, fm, commit = _file_at(store, args.rev, agent, args.file)
         if data is None:
-            raise FsError(2, f"{agent}/{args.file} does not exist at {commit[:10]}")
-        if mountpoint is None:
-            who = ch.Who.from_pid(os.getuid(), os.getgid(), os.getpid())
-            todo = []
-            if store.git.agent(agent) is None:
-                m = store.git.agent_at(commit, agent).meta
-                todo.append(ch.Change(ch.MKDIR, agent, who, time.time_ns(),
-                                      attrs={"": {k: m[k] for k in ("mode", "uid", "gid")}}))
-            attrs = {args.file: {k: fm[k] for k in ("mode", "uid", "gid")}}
-            todo.append(ch.Change(ch.RESTORE, agent, who, time.time_ns(), files={args.file: data},
-                                  attrs=attrs, note=commit[:7]))
-            for r in store.commit_batch(todo):
-                if isinstance(r, FsError):
-                    raise r
-            print(f"restored {agent}/{args.file} from {commit[:10]}")
-            return 0
-    if not mountpoint:
-        raise RepoError(f"{args.repo} is in use but its mount point is unknown; restore with cp from @history")
-    os.makedirs(os.path.join(mountpoint, agent), exist_ok=True)
-    with open(os.path.join(mountpoint, agent, args.file), "wb") as f:
+            raise FsError(2, f"{agent}/{args.file} does not exist at {commit[:10]} ({args.rev})")
+        who = ch.Who.from_pid(os.getuid(), os.getgid(), os.getpid())
+        todo = []
+        if store.git.agent(agent) is None:
+            m = store.git.agent_at(commit, agent).meta
+            todo.append(ch.Change(ch.MKDIR, agent, who, time.time_ns(),
+                                  attrs={"": {k: m[k] for k in ("mode", "uid", "gid")}}))
+        attrs = {args.file: {k: fm[k] for k in ("mode", "uid", "gid")}}
+        todo.append(ch.Change(ch.RESTORE, agent, who, time.time_ns(), files={args.file: data},
+                              attrs=attrs, note=commit[:7]))
+        results = store.commit_batch(todo)
+        for r in results:
+            if isinstance(r, FsError):
+                raise r
+        if results[-1] is None:
+            return _unchanged(agent, args.file, commit, fm)
+        print(f"restored {agent}/{args.file} from {commit[:10]} (version {fm['version']} of {iso(fm['mtime_ns'] / 1e9)})")
+        return 0
+
+
+def _unchanged(agent: str, name: str, commit: str, fm: dict | None) -> int:
+    what = f"version {fm['version']}, " if fm else ""
+    print(f"agentstatefs: nothing to restore: {agent}/{name} already has the content of "
+          f"{commit[:10]} ({what}no new commit)", file=sys.stderr)
+    return 1
+
+
+def _restore_mounted(args, agent: str, mp: str) -> int:
+    """Copy the version out of the mount's @history onto the state file: one commit
+    through the daemon, labelled a restore (this process read it from @history)."""
+    target = os.path.join(mp, agent, args.file)
+    if os.path.isdir(os.path.join(mp, agent)):
+        src = os.path.join(mp, agent, "@history", args.rev, args.file)
+    else:
+        # A deleted agent: its own @history is gone with it; resolve its revision here.
+        with open_store(args.repo) as store:
+            commit = _resolve(store, args.rev, agent).commit
+        src = os.path.join(mp, "@history", commit, agent, args.file)
+    try:
+        with open(src, "rb") as f:
+            data = f.read()
+        commit = os.getxattr(src, "user.agentstatefs.commit").decode()
+        version = os.getxattr(src, "user.agentstatefs.version").decode()
+    except FileNotFoundError:
+        # Why: the revision (the daemon answers ENOENT only), or the file at it.
+        with open_store(args.repo) as store:
+            commit = _resolve(store, args.rev, agent).commit
+        raise FsError(2, f"{agent}/{args.file} does not exist at {commit[:10]} ({args.rev})") from None
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            with open_store(args.repo) as store:
+                _resolve(store, args.rev, agent)   # ambiguous prefix: the store says which
+        raise
+    try:
+        with open(target, "rb") as f:
+            current = f.read()
+    except FileNotFoundError:
+        current = None
+    if current == data:
+        return _unchanged(agent, args.file, commit, {"version": version})
+    os.makedirs(os.path.join(mp, agent), exist_ok=True)
+    with open(target, "wb") as f:
         f.write(data)
-    print(f"restored {agent}/{args.file} from {commit[:10]} (through {mountpoint})")
+    print(f"restored {agent}/{args.file} from {commit[:10]} (version {version}, through {mp})")
     return 0
 
 
@@ -221,7 +290,8 @@ def _run(fn):
 
 def register(sub) -> None:
     default_repo = os.path.join(DEFAULT_REPO_ROOT, DEFAULT_TENANT)
-    rev_help = "commit id, unique prefix (>= 4 hex), HEAD, HEAD~N or UTC time YYYY-MM-DDTHH:MM:SSZ"
+    rev_help = ("commit id, unique prefix (>= 4 hex), HEAD, HEAD~N (with an agent: its commits) or a time: "
+                + TIME_FORMS)
 
     p = sub.add_parser("log", help="list commits, newest first (optionally of one agent / file)")
     p.add_argument("agent", nargs="?")

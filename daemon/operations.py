@@ -82,7 +82,7 @@ def _entry(a: Attr) -> pyfuse3.EntryAttributes:
     e.st_rdev = 0
     e.st_size = a.size
     e.st_blksize = 4096
-    e.st_blocks = (a.size + 511) // 512
+    e.st_blocks = a.blocks if a.blocks is not None else (a.size + 511) // 512
     e.st_atime_ns = a.atime_ns if a.atime_ns is not None else a.mtime_ns
     e.st_mtime_ns = a.mtime_ns
     e.st_ctime_ns = a.ctime_ns if a.ctime_ns is not None else a.mtime_ns
@@ -272,6 +272,10 @@ class AgentFS(pyfuse3.Operations):
     @handler
     async def symlink(self, parent_inode, name, target, ctx):
         return _entry(await self.ns.symlink(parent_inode, decode_name(name), target, _caller(ctx)))
+
+    @handler
+    async def readlink(self, inode, ctx):
+        return await self.ns.readlink(inode, _caller(ctx))
 
     # -- xattrs --------------------------------------------------------------------------
     @handler

@@ -3,8 +3,8 @@
 A Change handed to the store is an *intent*: "write this content to the file whose
 identity is F", "rename whatever is at A onto B", "delete F". The store resolves it
 against the state it owns (the newest head, including changes queued before it) into
-a *concrete* Change: explicit contents, attributes and operation (e.g. a write whose
-content equals a past version becomes a restore). Only concrete Changes are journaled
+a *concrete* Change: explicit contents, attributes and operation (e.g. a write of
+content its process just copied out of ``@history`` becomes a restore). Only concrete Changes are journaled
 and committed, so replay after a crash needs no resolution and is fully deterministic:
 the same parent commit and Change always give the same commit id.
 
@@ -26,7 +26,7 @@ MKDIR = "mkdir"          # agent created
 RMDIR = "rmdir"          # agent deleted
 CHMOD = "chmod"          # mode change (agent dir or state file)
 CHOWN = "chown"          # owner/group change
-RESTORE = "restore"      # a state file got content equal to a past version (note = that commit)
+RESTORE = "restore"      # a past version copied back (restore verb, or cp out of @history; note = its commit)
 EXCHANGE = "exchange"    # RENAME_EXCHANGE of two state files (contents and metadata swap)
 OPS = (WRITE, DELETE, RENAME, MKDIR, RMDIR, CHMOD, CHOWN, RESTORE, EXCHANGE)
 
@@ -118,6 +118,9 @@ class Change:
     create: bool = False    # the caller created the file it writes (absent is fine)
     replace: bool = False   # rename onto the name: the file gets identity fids[name]
     limit: int = 0          # PATCH: most bytes the patched file may have (0: no cap)
+    sources: dict[str, str] = field(default_factory=dict)   # WRITE: blob hex -> commit of a
+                            # version the writing process just read from @history (a copy
+                            # out of history: the write is labelled a restore if it matches)
 
     def header(self) -> dict:
         """JSON-able description; file bodies are carried separately."""

@@ -6,7 +6,12 @@ commits are made, so listing history, per-agent history, revision resolution and
 ``main`` and repaired incrementally (only commits it lacks are read from git).
 
 Revision specs: a full commit id, a unique prefix of at least 4 hex digits, ``HEAD``,
-``HEAD~N``, or a UTC time ``YYYY-MM-DDTHH:MM:SSZ`` (the state as of that instant).
+``HEAD~N``, or a time (the state as of that instant): ``YYYY-MM-DDTHH:MM:SSZ``, the
+same without ``Z`` (UTC), with an offset ``+HH:MM``/``-HH:MM``, optionally with fractions
+of a second or without seconds, or a date alone ``YYYY-MM-DD`` (the end of that day, UTC).
+Within an agent's context (``M/<id>/@history``, ``log ID``, ``restore ID FILE REV``)
+``HEAD~N`` counts that agent's commits, and a time picks that agent's last commit at or
+before it.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from datetime import datetime, timezone
 
 import pygit2
 
+from .changes import safe_text
 from .errors import FsError
 from .layout import agent_path
 from .names import DURABLE_FILES
@@ -31,7 +37,10 @@ log = logging.getLogger(__name__)
 
 _HEAD_N = re.compile(r"HEAD(?:~(\d+))?")
 _HEX = re.compile(r"[0-9a-f]{4,40}")
-_TIME = re.compile(r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})Z")
+_TIME = re.compile(r"(\d{4})-(\d{2})-(\d{2})(?:[T ](\d{2}):(\d{2})(?::(\d{2})(?:\.\d{1,9})?)?"
+                   r"(Z|[+-]\d{2}:?\d{2})?)?")
+TIME_FORMS = ("YYYY-MM-DDTHH:MM:SSZ, the same without Z (UTC) or with +HH:MM, "
+              "or a date YYYY-MM-DD (end of that day, UTC)")
 
 
 @dataclass(frozen=True)
@@ -44,14 +53,31 @@ class Entry:
 
 
 def parse_time(spec: str) -> int | None:
+    """Seconds since the epoch (whole seconds, rounded down) of a time spec, or None.
+
+    ``2026-11-25T10:00:00Z``, ``2026-11-25T10:00:00`` (UTC), ``2026-11-25T12:00:00+02:00``,
+    ``2026-11-25T10:00`` and ``2026-11-25`` (the last second of that day, UTC)."""
     m = _TIME.fullmatch(spec)
     if not m:
         return None
+    year, month, day, hh, mm, ss, zone = m.groups()
     try:
-        dt = datetime(*map(int, m.groups()), tzinfo=timezone.utc)
+        if hh is None:
+            dt = datetime(int(year), int(month), int(day), 23, 59, 59, tzinfo=timezone.utc)
+        else:
+            dt = datetime(int(year), int(month), int(day), int(hh), int(mm), int(ss or 0),
+                          tzinfo=timezone.utc)
     except ValueError:
         return None
-    return timegm(dt.utctimetuple())
+    t = timegm(dt.utctimetuple())
+    if zone and zone != "Z":
+        sign = -1 if zone[0] == "-" else 1
+        digits = zone[1:].replace(":", "")
+        oh, om = int(digits[:2]), int(digits[2:])
+        if oh > 23 or om > 59:
+            return None
+        t -= sign * (oh * 3600 + om * 60)
+    return t
 
 
 def iso(ts_seconds: float) -> str:
@@ -233,6 +259,19 @@ class CommitIndex:
     def position(self, commit_hex: str) -> int | None:
         return self._pos.get(commit_hex)
 
+    def time_ns(self, pos: int) -> int:
+        """A commit's time for ``stat`` (mtime of its ``@history`` directory): its commit
+        time in seconds, plus its rank among the commits made in that same second as
+        nanoseconds, so ``ls -t`` lists commits newest first even within one second."""
+        e = self.entries[pos]
+        first = bisect.bisect_left(self.entries, e.time, hi=pos, key=lambda x: x.time)
+        return e.time * 1_000_000_000 + min(max(pos - first, 0), 999_999_999)
+
+    def newest_ns(self, agent: str | None = None) -> int:
+        """Time (see ``time_ns``) of the newest commit, or of ``agent``'s newest; 0 if none."""
+        positions = self.agent_positions(agent) if agent else range(len(self.entries))
+        return self.time_ns(positions[-1]) if len(positions) else 0
+
     def past_version(self, agent: str, name: str, blob_hex: str) -> Entry | None:
         """The latest commit where ``agent/name`` had content ``blob_hex``, if any."""
         pos = self._versions.get((agent, name, blob_hex))
@@ -259,7 +298,8 @@ class CommitIndex:
             if m:
                 n = int(m.group(1) or 0)
                 if n >= count:
-                    raise FsError(errno.ENOENT, f"{spec}: history has only {count} commit(s)")
+                    whose = f"agent {agent} has" if agent is not None else "history has"
+                    raise FsError(errno.ENOENT, f"{spec}: {whose} only {count} commit(s)")
                 return at(count - 1 - n)
             t = parse_time(spec)
             if t is not None:
@@ -271,7 +311,10 @@ class CommitIndex:
                     else:
                         hi = mid
                 if lo == 0:
-                    raise FsError(errno.ENOENT, f"{spec}: no commit at or before that time")
+                    whose = f" changing agent {agent}" if agent is not None else ""
+                    raise FsError(errno.ENOENT, f"{spec}: no commit{whose} at or before "
+                                                f"{iso(t)}" + (f" (the first is {iso(at(0).time)})"
+                                                               if count else ""))
                 return at(lo - 1)
             if _HEX.fullmatch(spec):
                 if len(spec) == 40:
@@ -295,5 +338,5 @@ class CommitIndex:
                     raise FsError(errno.EINVAL, f"{spec}: ambiguous commit prefix "
                                   f"({', '.join(self.entries[p].commit[:12] for p in matches)}...)")
                 return self.entries[matches[0]]
-            raise FsError(errno.ENOENT, f"{spec!r} is not a revision: use a commit id or prefix "
-                          f"(>= 4 hex digits), HEAD, HEAD~N or YYYY-MM-DDTHH:MM:SSZ")
+            raise FsError(errno.ENOENT, f"{safe_text(spec, 80)!r} is not a revision: use a commit id or "
+                          f"prefix (>= 4 hex digits), HEAD, HEAD~N or a time ({TIME_FORMS})")

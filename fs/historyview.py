@@ -70,7 +70,14 @@ class HistoryView:
             if scope and name == RUNTIME_DIR:
                 return self.inodes.stable(("hist-runtime", scope)), LIVE
             ckey = self._commit_key(scope, name)
-            timeout = IMMUTABLE if name == ckey[3] else LIVE
+            # A full id never changes meaning; a prefix hardly; HEAD~N and times move with
+            # every commit, so the kernel must ask again each time (entry timeout 0).
+            if name == ckey[3]:
+                timeout = IMMUTABLE
+            elif ckey[3].startswith(name):
+                timeout = LIVE
+            else:
+                timeout = 0.0
             return self.inodes.stable(ckey), timeout
         if kind == "hist-commit":
             _, scope, used, hexid = key
@@ -104,10 +111,12 @@ class HistoryView:
         kind = key[0]
         uid, gid = self.root_owner
         if kind == "hist-root":
+            # Its time is the newest commit it lists (a directory's mtime is its last change).
+            t = self.index.newest_ns(key[1] or None)
             if key[1]:
                 mode, uid, gid = self._agent_owner(key[1])
-                return self.entry(ino, stat.S_IFDIR | (mode & 0o555), 2, uid, gid, 0, 0, None, LIVE)
-            return self.entry(ino, stat.S_IFDIR | 0o555, 2, uid, gid, 0, 0, None, LIVE)
+                return self.entry(ino, stat.S_IFDIR | (mode & 0o555), 2, uid, gid, 0, t, None, LIVE)
+            return self.entry(ino, stat.S_IFDIR | 0o555, 2, uid, gid, 0, t, None, LIVE)
         if kind == "hist-commit":
             _, scope, used, hexid = key
             t = self._commit_time_ns(hexid)
@@ -129,7 +138,9 @@ class HistoryView:
                               fm["size"], fm["mtime_ns"], None, IMMUTABLE)
         if kind == "hist-runtime":
             mode, uid, gid = self._agent_owner(key[1])
-            return self.entry(ino, stat.S_IFDIR | (mode & 0o555), 2, uid, gid, 0, 0, None, LIVE)
+            rf = self.runtime.get(key[1])
+            t = rf.current.time_ns if rf is not None else self.index.newest_ns(key[1])
+            return self.entry(ino, stat.S_IFDIR | (mode & 0o555), 2, uid, gid, 0, t, None, LIVE)
         if kind == "hist-rt":
             v = self._rt_version(key[1], int(key[2]))
             rf = self.runtime.get(key[1])
@@ -140,7 +151,7 @@ class HistoryView:
     def _commit_time_ns(self, hexid: str) -> int:
         pos = self.index.position(hexid)
         if pos is not None:
-            return self.index.entries[pos].time * 1_000_000_000
+            return self.index.time_ns(pos)
         return self.git.repo[hexid].commit_time * 1_000_000_000
 
     def _rt_version(self, agent: str, version: int):
@@ -207,6 +218,16 @@ class HistoryView:
         if key[0] == "hist-rt":
             return self._rt_version(key[1], int(key[2])).data
         raise FsError(errno.EISDIR, "is a directory")
+
+    def source(self, key: tuple) -> tuple[str, str] | None:
+        """(blob hex, commit that made that version) of a ``hist-file``, for restore labels."""
+        if key[0] != "hist-file":
+            return None
+        _, hexid, agent, name = key
+        view = self._view(hexid, agent)
+        if name not in view.files:
+            return None
+        return str(view.files[name]), self.version_commit(hexid, agent, name) or hexid
 
     def version_commit(self, hexid: str, agent: str, name: str) -> str | None:
         """The commit (at or before ``hexid``) that produced ``agent/name``'s version there."""

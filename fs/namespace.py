@@ -27,6 +27,7 @@ import os
 import select
 import stat
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import trio
@@ -50,6 +51,10 @@ from .validate import check_json, check_size
 log = logging.getLogger("agentstatefs")
 
 LIVE_TIMEOUT = 1.0
+RELATIME_NS = 24 * 3600 * 10**9
+HISTORY_READ_PIDS = 1024      # processes remembered as having read @history versions
+HISTORY_READS_PER_PID = 64    # versions remembered per process
+HISTORY_READ_TTL_NS = 600 * 10**9
 OFFLOAD_BYTES = 64 << 10     # validate/read larger contents in a worker thread
 XATTR_NAME_MAX = 255
 XATTR_VALUE_MAX = 65536
@@ -102,6 +107,7 @@ class Attr:
     timeout: float = LIVE_TIMEOUT
     entry_timeout: float | None = None
     generation: int = 0
+    blocks: int | None = None     # 512-byte blocks allocated (None: derived from the size)
 
 
 @dataclass
@@ -131,6 +137,7 @@ class _Dir:
     count: int
     item: object          # i -> (name, key or ino)
     keys: bool = False    # items carry keys (history) rather than inode numbers
+    dots: tuple = ()      # inode numbers of "." and "..": listed first, as on ext4
 
 
 @dataclass
@@ -163,6 +170,9 @@ class Namespace:
         self._next_fh = 0
         self._write_clock = 0
         self.mount_ns = time.time_ns()
+        # pid -> {blob hex: (commit, time_ns)}: versions a process opened in @history,
+        # so its write of the same bytes is recorded as a restore (a copy out of history).
+        self.history_reads: OrderedDict[int, OrderedDict] = OrderedDict()
         self.uid, self.gid = root_owner or (os.getuid(), os.getgid())
         self.history = HistoryView(store, self.inodes, self.runtime, self._hist_entry, (self.uid, self.gid))
         statemgr.on_publish = self.publish
@@ -386,8 +396,8 @@ class Namespace:
             return a
         if kind == "scratch":
             n: ScratchNode = key[1]
-            return Attr(ino, n.mode, n.nlink, n.uid, n.gid, len(n.data), n.mtime_ns, n.ctime_ns, n.atime_ns,
-                        generation=gen)
+            return Attr(ino, n.mode, n.nlink, n.uid, n.gid, n.size, n.mtime_ns, n.ctime_ns, n.atime_ns,
+                        generation=gen, blocks=(n.alloc + 511) // 512)
         raise FsError(errno.ENOENT, f"unknown inode {ino}")
 
     def _listing_attr(self, ino: int) -> Attr:
@@ -518,8 +528,32 @@ class Namespace:
         change = Change(ch.WRITE, agent, who, time.time_ns(), files={name: data},
                         attrs={name: attrs} if attrs else {},
                         fids={name: fid} if fid is not None else {}, create=create, replace=replace,
-                        expect_version={name: expect} if expect is not None else {})
+                        expect_version={name: expect} if expect is not None else {},
+                        sources=self._history_sources(who.pid))
         return await self._commit(change)
+
+    def _note_history_read(self, pid: int, key: tuple) -> None:
+        """Remember that ``pid`` opened a past version (bounded: pids and versions LRU)."""
+        src = self.history.source(key)
+        if src is None or pid <= 0:
+            return
+        blob, commit = src
+        reads = self.history_reads.pop(pid, None) or OrderedDict()
+        self.history_reads[pid] = reads
+        reads.pop(blob, None)
+        reads[blob] = (commit, time.monotonic_ns())
+        while len(reads) > HISTORY_READS_PER_PID:
+            reads.popitem(last=False)
+        while len(self.history_reads) > HISTORY_READ_PIDS:
+            self.history_reads.popitem(last=False)
+
+    def _history_sources(self, pid: int) -> dict[str, str]:
+        """Versions ``pid`` read from @history in the last minutes: blob hex -> commit."""
+        reads = self.history_reads.get(pid)
+        if not reads:
+            return {}
+        now = time.monotonic_ns()
+        return {b: c for b, (c, t) in reads.items() if now - t < HISTORY_READ_TTL_NS}
 
     def _store_runtime(self, agent: str, data: bytes, who: Who, mode: int) -> None:
         now = time.time_ns()
@@ -759,7 +793,7 @@ class Namespace:
             if name in sdir.children:
                 raise FsError(errno.EEXIST, f"{name} exists")
             node = self.scratch.new_node(new_ino(self.inodes._keys), stat.S_IFDIR | perm, caller.uid,
-                                         caller.gid, name)
+                                         caller.gid, name, parent_ino=parent)
             self.inodes.bind(node.ino, ("scratch", node))
             sdir.children[name] = node
             sdir.touch()
@@ -818,7 +852,7 @@ class Namespace:
                     # resolve by name (HEAD~N, id, time).
                     count = min(count, getattr(self.opts, "history_max", count))
             fh = self._fh()
-            self.dirs[fh] = _Dir(count, item, keys=True)
+            self.dirs[fh] = _Dir(count, item, keys=True, dots=(ino, self._dotdot(ino, key)))
             return fh
         entries: list[tuple[str, object]] = []
         if key[0] == "rejected-dir":
@@ -847,8 +881,32 @@ class Namespace:
         if self.opts.history_visible and key[0] in ("root", "agent"):
             entries.insert(0, (HISTORY_DIR, ("hist-root", key[1] if key[0] == "agent" else "")))
         fh = self._fh()
-        self.dirs[fh] = _Dir(len(entries), entries.__getitem__, keys=True)
+        self.dirs[fh] = _Dir(len(entries), entries.__getitem__, keys=True, dots=(ino, self._dotdot(ino, key)))
         return fh
+
+    def _dotdot(self, ino: int, key: tuple) -> int:
+        """The inode number of a directory's ``..`` (the kernel holds it: the directory
+        was reached through it; a number it no longer holds falls back to ``.``)."""
+        kind = key[0]
+        if kind in ("root", "agent"):
+            return ROOT
+        if kind == "scratch":
+            parent = key[1].parent_ino
+            return parent if parent and self.inodes.has(parent) else ino
+        if kind == "hist-root":
+            pkey = ("agent", key[1]) if key[1] else ("root",)
+        elif kind == "hist-commit":
+            pkey = ("hist-root", key[1])
+        elif kind == "hist-agent":
+            pkey = ("hist-commit", "", key[1], key[2])
+        elif kind == "hist-runtime":
+            pkey = ("hist-root", key[1])
+        elif kind in ("rejected-dir", "patch-dir"):
+            pkey = ("agent", key[1])
+        else:
+            return ino
+        parent = self.inodes.peek(pkey)
+        return parent if parent is not None else ino
 
     def _ino_for_listing(self, key: tuple) -> int | None:
         kind = key[0]
@@ -870,7 +928,18 @@ class Namespace:
         d = self.dirs.get(fh)
         if d is None:
             return
-        for i in range(start, d.count):
+        if d.dots:
+            # "." and "..": the kernel takes no lookup reference for them.
+            for i in range(start, 2):
+                try:
+                    attr = self._attr(d.dots[i])
+                except FsError:
+                    attr = Attr(d.dots[i], stat.S_IFDIR | 0o755, 2, self.uid, self.gid, 0, self.mount_ns)
+                if not reply("." if i == 0 else "..", attr, i + 1):
+                    return
+            start = max(start, 2)
+        base = 2 if d.dots else 0
+        for i in range(start - base, d.count):
             name, key = d.item(i)
             had = None
             try:
@@ -881,7 +950,7 @@ class Namespace:
                 attr = self._listing_attr(ino)
             except FsError:
                 continue  # removed since opendir
-            if not reply(name, attr, i + 1):
+            if not reply(name, attr, base + i + 1):
                 if had is None:
                     self.inodes.drop_if_unused(ino, keep=lambda i: bool(self.by_ino.get(i)))
                 break
@@ -899,6 +968,8 @@ class Namespace:
             node: ScratchNode = key[1]
             if node.is_dir:
                 raise FsError(errno.EISDIR, "is a directory")
+            if node.is_link:
+                raise FsError(errno.ELOOP, "is a symbolic link")
             if writable and flags & os.O_TRUNC:
                 self.scratch.resize(node, 0)
             h = Handle(fh, ino, "scratch", node=node, flags=flags)
@@ -930,6 +1001,7 @@ class Namespace:
         if key[0] in ("hist-file", "hist-rt"):
             if writable or flags & os.O_TRUNC:
                 raise FsError(errno.EROFS, "history is read-only")
+            self._note_history_read(caller.pid, key)
             h = Handle(fh, ino, "history", flags=flags, snapshot=self.history.content(key))
             self._add_handle(h)
             return h
@@ -1034,15 +1106,20 @@ class Namespace:
             finally:
                 self.sm.in_flight += 1
         if h.kind == "scratch":
-            h.node.atime_ns = time.time_ns()
-            return bytes(h.node.data[off:off + size])
+            node = h.node
+            now = time.time_ns()
+            # relatime, as ext4 and tmpfs mount by default: atime moves when it is older
+            # than the last change or a day old, so a time set with `touch -a` stays.
+            if node.atime_ns <= max(node.mtime_ns, node.ctime_ns) or now - node.atime_ns > RELATIME_NS:
+                node.atime_ns = now
+            return node.read(off, size)
         return bytes(h.content()[off:off + size])
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         h = self.handle(fh)
         if h.kind == "scratch":
             if h.append:
-                off = len(h.node.data)
+                off = h.node.size
             return self.scratch.write(h.node, off, buf)
         if h.kind in ("history", "rejected", "events"):
             raise FsError(errno.EBADF, "read-only file")
@@ -1281,8 +1358,11 @@ class Namespace:
         if dst_state:
             if node.is_dir:
                 raise FsError(errno.EISDIR, f"{old} is a directory; {new} is a state file")
+            if node.is_link:
+                raise FsError(errno.EINVAL, f"{old} is a symbolic link; {new} is a state file")
+            check_size(node.size, self.opts.max_size)     # before a sparse file is read out
             attrs = {"mode": stat.S_IMODE(node.mode), "uid": node.uid, "gid": node.gid}
-            data = bytes(node.data)
+            data = node.content()
             cond = node.xattrs.get(IF_VERSION)
             expect = parse_if_version(cond) if cond is not None else None
             if is_durable(new):
@@ -1323,6 +1403,8 @@ class Namespace:
                 self.inodes.retire(target.ino, ("scratch", target))
         del sdir.children[old]
         ddir.children[new] = node
+        if node.is_dir:
+            node.parent_ino = parent_new
         node.ctime_ns = time.time_ns()
         sdir.touch()
         ddir.touch()
@@ -1351,11 +1433,64 @@ class Namespace:
         sdir.touch()
         ddir.touch()
 
+    def _scratch_target(self, parent: int, name: str) -> ScratchNode:
+        """The scratch directory a new link named ``name`` goes into (EEXIST if taken)."""
+        where, agent, sdir = self._parent_dir(parent)
+        if where == "root":
+            raise FsError(errno.EPERM, f"{name!r}: only agent directories can be created at the top level")
+        if where == "agent" and is_state(name):
+            if self._exists_state(agent, name):
+                raise FsError(errno.EEXIST, f"{agent}/{name} exists")
+            raise FsError(errno.EPERM, f"{agent}/{name} is a state file: it holds JSON, not a link")
+        self._check_scratch_name(where, agent, name)
+        if name in sdir.children:
+            raise FsError(errno.EEXIST, f"{name} exists")
+        return sdir
+
     async def link(self, ino: int, parent: int, name: str, caller: Caller) -> Attr:
-        raise FsError(errno.EPERM, "hard links are not supported")
+        """A hard link: scratch files (and symlinks) only, as on tmpfs. State files are
+        versioned under one name each: EPERM (as for hard links to directories)."""
+        key = self.inodes.key(ino)
+        if key[0] != "scratch":
+            raise FsError(errno.EPERM, "hard links work between scratch files only "
+                                       "(state files are versioned under one name)")
+        node: ScratchNode = key[1]
+        if node.is_dir:
+            raise FsError(errno.EPERM, "hard links to directories are not allowed")
+        if node.nlink == 0:
+            raise FsError(errno.ENOENT, "file was removed")
+        sdir = self._scratch_target(parent, name)
+        self.scratch.charge_name(node, name)
+        sdir.children[name] = node
+        node.nlink += 1
+        node.ctime_ns = time.time_ns()
+        sdir.touch()
+        attr = self._attr(ino)
+        self.inodes.remember(ino)
+        return attr
 
     async def symlink(self, parent: int, name: str, target: bytes, caller: Caller) -> Attr:
-        raise FsError(errno.EPERM, "symbolic links are not supported")
+        """A symbolic link (scratch, RAM-only like every other scratch node)."""
+        target = bytes(target)
+        if not target or len(target) > 4095:
+            raise FsError(errno.ENAMETOOLONG if target else errno.ENOENT, "bad symbolic link target")
+        sdir = self._scratch_target(parent, name)
+        node = self.scratch.new_node(new_ino(self.inodes._keys), stat.S_IFLNK | 0o777, caller.uid,
+                                     caller.gid, name, target=target)
+        self.inodes.bind(node.ino, ("scratch", node))
+        sdir.children[name] = node
+        sdir.touch()
+        attr = self._attr(node.ino)
+        self.inodes.remember(node.ino)
+        return attr
+
+    async def readlink(self, ino: int, caller: Caller) -> bytes:
+        key = self.inodes.key(ino)
+        if key[0] != "scratch" or not key[1].is_link:
+            raise FsError(errno.EINVAL, "not a symbolic link")
+        node: ScratchNode = key[1]
+        node.atime_ns = time.time_ns()
+        return node.target
 
     # -- xattrs ------------------------------------------------------------------------------
     def _rejected_xattrs(self, agent: str, name: str) -> dict[str, bytes]:

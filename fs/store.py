@@ -253,10 +253,10 @@ class Store:
             fm = view.file_meta(name) or {}
             if all(fm.get(k) == v for k, v in attrs.items() if k not in ("fid", "mtime_ns")):
                 return None      # same bytes and metadata: no new version
-        if op == ch.WRITE and (name not in view.files or str(view.files[name]) != blob):
-            past = self.history.past_version(c.agent, name, blob)
-            if past is not None:
-                op, note = ch.RESTORE, past.commit[:7]
+        if op == ch.WRITE and blob in c.sources:
+            # A copy out of @history (the namespace saw this process read that version):
+            # a restore. Content that merely equals an old version is a plain write.
+            op, note = ch.RESTORE, c.sources[blob][:7]
         return Change(op, c.agent, c.who, c.time_ns, files={name: data},
                       attrs={name: attrs} if attrs else {}, note=note)
 

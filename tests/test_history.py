@@ -202,14 +202,15 @@ def test_cli_log_show_diff_restore_mounted(hist):
     assert len(log) == 6 and "write a2/memory.json" in log[0]
     assert len(cli("log", "a1", "--repo", repo).stdout.splitlines()) == 4
     assert len(cli("log", "a1", "config.json", "--repo", repo).stdout.splitlines()) == 3
-    assert json.loads(cli("show", "HEAD~3", "a1/config.json", "--repo", repo).stdout) == {"v": 1}
+    # with an agent, HEAD~N counts that agent's commits (mkdir a1, v1, v2, v3)
+    assert json.loads(cli("show", "HEAD~2", "a1/config.json", "--repo", repo).stdout) == {"v": 1}
     env = json.loads(cli("show", "HEAD", "a1/config.json", "--envelope", "--repo", repo).stdout)
     assert env["agent_id"] == "a1" and env["state_type"] == "config" and env["version"] == 3
     assert env["data"] == {"v": 3} and env["timestamp"].endswith("Z")
     diff = cli("diff", "HEAD~3", "HEAD", "--repo", repo).stdout
     assert '-{"v": 1}' in diff and '+{"v": 3}' in diff and "+++ b/a2/memory.json" in diff
     assert "a2" not in cli("diff", "HEAD~3", "HEAD", "a1", "--repo", repo).stdout
-    r = cli("restore", "a1", "config.json", "HEAD~3", "--repo", repo)
+    r = cli("restore", "a1", "config.json", "HEAD~2", "--repo", repo)
     assert "through" in r.stdout
     assert json.loads(read(m / "a1/config.json")) == {"v": 1}
     assert m.git("log", "-1", "--format=%s").startswith("restore a1/config.json from")
@@ -222,7 +223,7 @@ def test_cli_on_unmounted_repo(hist):
     m.stop()
     repo = str(m.repo)
     assert len(cli("log", "--repo", repo).stdout.splitlines()) == 6
-    cli("restore", "a1", "config.json", "HEAD~2", "--repo", repo)
+    cli("restore", "a1", "config.json", "HEAD~1", "--repo", repo)    # a1's previous version
     assert json.loads(cli("show", "HEAD", "a1/config.json", "--repo", repo).stdout) == {"v": 2}
     m.start()
     assert json.loads(read(m / "a1/config.json")) == {"v": 2}

@@ -346,12 +346,13 @@ def test_history_listing_registers_only_accepted_entries(tmp_path):
         seen = []
         await ns.readdir(fh, 0, lambda name, attr, nxt: seen.append(name) or len(seen) < 5)
         await ns.releasedir(fh)
-        assert len(seen) == 5
-        assert len(ns.inodes) == before + 4
+        assert len(seen) == 5 and seen[:2] == [".", ".."]   # "." and ".." take no reference
+        assert len(ns.inodes) == before + 2
     run(tmp_path, body)
 
 
-def test_identical_rewrite_makes_no_commit_and_restore_is_detected(tmp_path):
+def test_identical_rewrite_makes_no_commit_and_only_copies_from_history_are_restores(tmp_path):
+    BOB = Caller(uid=1000, gid=1000, pid=1, umask=0o022)
     async def body(ns):
         d = await agent(ns)
         await write_file(ns, d, "config.json", b'{"v": 1}')
@@ -359,8 +360,19 @@ def test_identical_rewrite_makes_no_commit_and_restore_is_detected(tmp_path):
         n = ns.store.commits
         await write_file(ns, d, "config.json", b'{"v": 2}')
         assert ns.store.commits == n
+        await write_file(ns, d, "config.json", b'{"v": 1}')       # equal to v1, but a plain write
+        assert ns.store.history.entries[-1].op == ch.WRITE
+        v2 = ns.store.history.entries[-2].commit
+        hist = await ns.lookup(d, "@history", ALICE)
+        prev = await ns.lookup(hist.ino, "HEAD~1", ALICE)
+        assert await read_file(ns, prev.ino, "config.json") == b'{"v": 2}'   # ALICE reads v2 ...
+        await write_file(ns, d, "config.json", b'{"v": 2}', caller=BOB)      # another process: a write
+        assert ns.store.history.entries[-1].op == ch.WRITE
         await write_file(ns, d, "config.json", b'{"v": 1}')
-        assert ns.store.history.entries[-1].op == ch.RESTORE
+        await write_file(ns, d, "config.json", b'{"v": 2}')                  # ... and writes it: a restore
+        e = ns.store.history.entries[-1]
+        assert e.op == ch.RESTORE
+        assert ns.git.repo[e.commit].message.startswith(f"restore a1/config.json from {v2[:7]}")
     run(tmp_path, body)
 
 
