@@ -52,6 +52,7 @@ ROW_KEYS = [
     "commit_small", "commit_mid", "commit_large", "mount_commit_small", "mount_commit_large",
     "ls_root_large", "rss_after_workloads", "rss_large_start", "rss_large_after_ls",
     "writes_large", "history_ls_large", "rss_large_after_history",
+    "replicated_write_1", "replicated_write_16",
 ]
 
 # Issue 9's target table, in its order: (row key, what the issue says). Every one is
@@ -571,6 +572,55 @@ def run_mount_workloads(cfg: Cfg, base: str, res: Results) -> None:
         m.stop()
 
 
+def run_replication(cfg: Cfg, base: str, res: Results) -> None:
+    """Writers with ``-o replicate`` (pushing to a bare repository every 0.2 s) against
+    the same workload on a mount without it, rep by rep: replication must not slow them."""
+    print("replication (-o replicate=file://..., every 0.2 s):", flush=True)
+    remote = os.path.join(base, "remote.git")
+    subprocess.run(["git", "init", "-q", "--bare", remote], check=True)
+    url = "file://" + remote
+    plain = Mounted.agentstatefs(os.path.join(base, "rp-repo"), os.path.join(base, "rp-mnt"),
+                                 os.path.join(base, "rp.log"))
+    rep = Mounted.agentstatefs(os.path.join(base, "rr-repo"), os.path.join(base, "rr-mnt"),
+                               os.path.join(base, "rr.log"), f"replicate={url},replicate_interval=0.2")
+    try:
+        agents = [f"w{i}" for i in range(cfg.workers)]
+        for mp in (plain.mp, rep.mp):
+            for a in agents + ["solo"]:
+                os.mkdir(os.path.join(mp, a))
+                write_file(os.path.join(mp, a, "config.json"), doc(a, -1))
+        one = {"plain": [], "rep": []}
+        for _ in range(cfg.reps):
+            one["plain"].append(rate(agent_write_loop(plain.mp, "solo"), cfg))
+            one["rep"].append(rate(agent_write_loop(rep.mp, "solo"), cfg))
+        med = statistics.median
+        r = res.add(Row("replicated_write_1", "durable write, 1 writer, with -o replicate (pushing every 0.2 s)",
+                        med(one["rep"]), "ops/s",
+                        note=f"same writes without replication, interleaved: {med(one['plain']):,.0f}/s"))
+        judge(r, med(one["plain"]), "no replication, interleaved", None)
+        many_plain = parallel_rate("agent_write_loop", [(plain.mp, a) for a in agents], cfg)
+        many = parallel_rate("agent_write_loop", [(rep.mp, a) for a in agents], cfg)
+        t0 = time.perf_counter()
+        head = None
+        while time.perf_counter() - t0 < 60:
+            head = os.getxattr(rep.mp, "user.agentstatefs.head").decode()
+            pushed = subprocess.run(["git", "-C", remote, "rev-parse", "main"], capture_output=True,
+                                    text=True).stdout.strip()
+            if pushed == head:
+                break
+            time.sleep(0.02)
+        caught = time.perf_counter() - t0
+        st = json.loads(os.getxattr(rep.mp, "user.agentstatefs.replication"))
+        r = res.add(Row("replicated_write_16", f"durable write, {cfg.workers} writers, with -o replicate",
+                        many, "ops/s",
+                        note=f"without: {many_plain:,.0f}/s; {st['pushes']} pushes, {st['errors']} errors; "
+                             f"remote caught up {caught:.2f} s after the last write"))
+        judge(r, many_plain, "no replication", None)
+    finally:
+        rep.stop()
+        plain.stop()
+
+
 def _packs(repo: str) -> int:
     try:
         return sum(1 for e in os.scandir(os.path.join(repo, "objects", "pack")) if e.name.endswith(".pack"))
@@ -868,7 +918,7 @@ def main(argv=None) -> int:
                     "the project; default: the installed agentstatefs, i.e. this working tree)")
     ap.add_argument("--rev", help="benchmark this git revision of the project (git archive into the temp "
                     "dir, then as --src): stable numbers while the working tree is being edited")
-    ap.add_argument("--only", choices=("baselines", "mount", "scale"), action="append",
+    ap.add_argument("--only", choices=("baselines", "mount", "scale", "replication"), action="append",
                     help="run only these parts (repeatable; 'mount' needs 'baselines' for its ratios)")
     ap.add_argument("--history-root", type=int, metavar="N",
                     help="root-level `ls M/@history/HEAD~N` listings in the memory scenario (default 3; "
@@ -918,13 +968,15 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     ok = False
     try:
-        parts = args.only or ["baselines", "mount", "scale"]
+        parts = args.only or ["baselines", "mount", "scale", "replication"]
         if "baselines" in parts:
             run_baselines(cfg, base, res)
         if "mount" in parts:
             run_mount_workloads(cfg, base, res)
         if "scale" in parts:
             run_scale(cfg, base, res)
+        if "replication" in parts:
+            run_replication(cfg, base, res)
         ok = True
     finally:
         stop_all()

@@ -28,7 +28,23 @@ def cmd_mount(args) -> int:
         return 2
     from . import mount  # pyfuse3 is imported only by verbs that need it
     systemd = args.systemd or bool(os.environ.get("NOTIFY_SOCKET"))
-    return mount.run(args.repo, args.mountpoint, options, foreground=args.foreground or systemd,
+    repo = args.repo
+    if args.replica:
+        from ..fs.replicate import check_url
+        try:
+            options.replica = check_url(args.replica)
+        except ValueError as exc:
+            print(f"agentstatefs: --replica: {exc}", file=sys.stderr)
+            return 2
+        options.ro = True
+        if repo is None:
+            import hashlib
+            repo = os.path.join(DEFAULT_REPO_ROOT, "replicas", hashlib.sha256(args.replica.encode()).hexdigest()[:16])
+    elif options.replicate and options.ro:
+        print("agentstatefs: -o replicate needs a writable mount (a read-only one has nothing to push)",
+              file=sys.stderr)
+        return 2
+    return mount.run(repo or _default_repo(), args.mountpoint, options, foreground=args.foreground or systemd,
                      debug=args.debug, systemd=systemd, log_file=args.log_file)
 
 
@@ -83,8 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--foreground the daemon detaches once the mount answers.")
     m.add_argument("mountpoint", nargs="?", default=DEFAULT_MOUNTPOINT,
                    help=f"where to mount (default {DEFAULT_MOUNTPOINT}; created if missing)")
-    m.add_argument("--repo", default=_default_repo(),
-                   help=f"bare git repository holding the state (default {_default_repo()}; created if missing)")
+    m.add_argument("--repo", default=None,
+                   help=f"bare git repository holding the state (default {_default_repo()}; created if missing; "
+                        f"with --replica the local copy, default {DEFAULT_REPO_ROOT}/replicas/<hash of URL>)")
+    m.add_argument("--replica", metavar="URL",
+                   help="mount a read-only replica of the git remote URL's main (fetched into --repo, "
+                        "followed every replica_interval seconds; writes fail with EROFS)")
     m.add_argument("-o", dest="options", action="append", metavar="OPTS",
                    help="comma-separated mount options, see below")
     m.add_argument("-f", "--foreground", action="store_true",

@@ -73,6 +73,20 @@ def clean_stale_mount(mountpoint: str) -> None:
     raise MountError(f"cannot clean up the stale mount at {mountpoint}")
 
 
+def _first_fetch(repo: str, url: str) -> None:
+    """--replica: fetch the remote before serving; without it, serve the local copy if
+    there is one (with a warning), else refuse to start."""
+    from ..fs.replica import fetch
+    try:
+        head = fetch(repo, url)
+        log.info("replica: fetched %s from %s", head, url)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        if os.path.exists(os.path.join(repo, "refs", "heads", "main")):
+            log.warning("replica: %s; serving the local copy until a fetch succeeds", exc)
+        else:
+            raise RepoError(f"replica: {exc}") from None
+
+
 def prepare_mountpoint(mountpoint: str) -> None:
     clean_stale_mount(mountpoint)
     os.makedirs(mountpoint, exist_ok=True)
@@ -90,6 +104,8 @@ async def _serve(ops: AgentFS, sm: StateManager, mountpoint: str, on_ready, noti
         nursery.start_soon(sm.run_flusher)
         nursery.start_soon(sm.run_checkpointer)
         nursery.start_soon(sm.run_maintenance)      # prune and gc asked for through the mount
+        for task in sm.background:
+            nursery.start_soon(task)
         # Combining the per-group packs is part of the storage engine: it runs whatever
         # pack_every says (0 only turns off the commit-count trigger).
         nursery.start_soon(sm.run_packer, ops.opts.pack_every or None, 5.0)
@@ -192,12 +208,14 @@ def run(repo: str, mountpoint: str, options: MountOptions, *, foreground: bool,
     lock = RepoLock(repo)
     try:
         prepare_mountpoint(mountpoint)
-        if options.ro and not os.path.isdir(repo):
+        if options.ro and not options.replica and not os.path.isdir(repo):
             raise RepoError(f"repository {repo} does not exist (read-only mount cannot create it)")
         os.makedirs(repo, mode=0o700, exist_ok=True)
         private.tighten(repo)
         if not options.ro:
             lock.acquire(mountpoint)
+        if options.replica:
+            _first_fetch(repo, options.replica)
         store = Store(repo, readonly=options.ro)
     except (MountError, RepoError) as exc:
         lock.release()
@@ -208,6 +226,17 @@ def run(repo: str, mountpoint: str, options: MountOptions, *, foreground: bool,
 
     sm = StateManager(store, checkpoint_interval=options.checkpoint_interval)
     ops = AgentFS(store, sm, options)
+    replicator = None
+    if options.replicate and not options.ro:
+        from ..fs.replicate import Replicator
+        replicator = Replicator(repo, options.replicate, options.replicate_interval).start()
+        sm.replication = replicator.stats
+        log.info("replicating main to %s every %g s", options.replicate, options.replicate_interval)
+    if options.replica:
+        from ..fs.replica import ReplicaFollower
+        follower = ReplicaFollower(store, options.replica, options.replica_interval, lambda g: sm.on_publish(g))
+        sm.replication = follower.stats
+        sm.background.append(follower.run)
     try:
         pyfuse3.init(ops, mountpoint, options.fuse_options(repo))
     except RuntimeError as exc:
@@ -234,6 +263,8 @@ def run(repo: str, mountpoint: str, options: MountOptions, *, foreground: bool,
             store.close()
         except Exception:
             log.exception("final checkpoint failed (the journal will be replayed at next mount)")
+        if replicator is not None:
+            replicator.stop(final_push=True)     # the final checkpoint moved the ref: push it
         pyfuse3.close(unmount=clean)
         if not clean:
             subprocess.run(["fusermount3", "-uz", mountpoint], capture_output=True)

@@ -30,6 +30,10 @@ mount options (-o opt[,opt...], may be repeated):
                         (default 1, 0.01 to 86400)
   pack_every=N          also combine the per-group git packs every N commits (default 2000;
                         0 = only when there are more than 16 packs, which always applies)
+  replicate=URL         push branch main to this git remote in the background (ssh://, https://,
+                        git://, file:// or a path; no commas); force-pushed with lease after a prune
+  replicate_interval=SECONDS  how often to push when main moved (default 5, 0.05 to 86400)
+  replica_interval=SECONDS    with --replica: how often to fetch the remote (default 5, 0.05 to 86400)
 SIZE is a number of bytes with an optional K, M or G suffix (powers of 1024), e.g. 512K, 16M.
 """
 
@@ -60,6 +64,8 @@ RANGES: dict[str, tuple] = {
     "history_max": (100, 10_000_000),
     "checkpoint_interval": (0.01, 86400.0),
     "pack_every": (0, None),
+    "replicate_interval": (0.05, 86400.0),
+    "replica_interval": (0.05, 86400.0),
 }
 _SIZES = ("max_size", "buffer_max", "scratch_max")
 _INTS = ("runtime_versions", "history_max", "pack_every")
@@ -108,6 +114,10 @@ class MountOptions:
     pack_every: int = 2000
     buffer_max: int = 256 << 20
     history_max: int = 10000
+    replicate: str = ""
+    replicate_interval: float = 5.0
+    replica_interval: float = 5.0
+    replica: str = ""            # set by mount --replica URL (not a -o option)
 
     @classmethod
     def parse(cls, groups: list[str] | None) -> "MountOptions":
@@ -127,6 +137,9 @@ class MountOptions:
                             o.ro = False
                     elif key == "ro":
                         o.ro = True
+                    elif key == "replicate":
+                        from ..fs.replicate import check_url
+                        o.replicate = check_url(value)
                     elif key == "fsname":
                         o.fsname = value
                     elif key == "history":

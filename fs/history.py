@@ -221,6 +221,38 @@ class CommitIndex:
                 os.replace(tmp, self.path)
                 self._file = open(self.path, "a")
 
+    def advance(self, head: pygit2.Oid) -> int:
+        """Bring the index up to ``head`` (a replica's fetch moved ``main``): only the
+        commits it lacks are read, outside the lock; a rewritten history (a prune on the
+        writer) shares no commit with the index and is read anew. Returns how many
+        commits were read."""
+        with self._lock:
+            known = dict(self._pos)
+        missing: list[pygit2.Commit] = []
+        keep = 0
+        oid = head
+        while True:
+            hexid = str(oid)
+            if hexid in known:
+                keep = known[hexid] + 1
+                break
+            commit = self.repo[oid]
+            missing.append(commit)
+            if not commit.parents:
+                break
+            oid = commit.parent_ids[0]
+        new = [self._entry_from_commit(c) for c in reversed(missing)]
+        with self._lock:
+            if keep != len(self.entries):
+                kept = self.entries[:keep]
+                self.entries, self._pos, self._by_agent, self._versions, self._last = [], {}, {}, {}, {}
+                self._sorted = None
+                for e in kept:
+                    self._add(e)
+            for e in new:
+                self._add(e)
+        return len(new)
+
     def snapshot(self, upto: str | None = None) -> list[Entry]:
         """The entries up to commit ``upto`` (all when None), oldest first."""
         with self._lock:

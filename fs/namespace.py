@@ -67,6 +67,7 @@ EVENTS_FILE = "@events"                         # M/@events: the change stream
 PRUNE_XATTR = "user.agentstatefs.prune"         # set on the root: start a prune (JSON policy)
 GC_XATTR = "user.agentstatefs.gc"               # set on the root: start a gc
 MAINTENANCE_XATTR = "user.agentstatefs.maintenance"   # the running/last prune or gc (JSON)
+REPLICATION_XATTR = "user.agentstatefs.replication"   # replicate=/--replica: lag, errors (JSON)
 
 
 def parse_if_version(value: bytes) -> int:
@@ -1540,7 +1541,9 @@ class Namespace:
         return {"user.agentstatefs.pid": str(os.getpid()).encode(),
                 "user.agentstatefs.head": str(head or "").encode(),
                 "user.agentstatefs.git-head": str(flushed or "").encode(),
-                MAINTENANCE_XATTR: json.dumps(self.sm.maintenance.status()).encode()}
+                MAINTENANCE_XATTR: json.dumps(self.sm.maintenance.status()).encode(),
+                **({REPLICATION_XATTR: json.dumps(self.sm.replication.to_json()).encode()}
+                   if self.sm.replication is not None else {})}
 
     def _maintenance_request(self, name: str, value: bytes, caller: Caller) -> None:
         """prune/gc asked for through the mount root: the operator only (root or the

@@ -20,6 +20,7 @@ import trio
 
 from .changes import Change
 from .errors import FsError
+from .metrics import metrics
 from .store import Group, Store
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,8 @@ class StateManager:
         self.on_rewrite = lambda summary: None   # set by the namespace: history was rewritten
         self.maintenance = Maintenance()
         self._in_committer: list = []            # (function, trio.Event, box): run between groups
+        self.replication = None      # stats of -o replicate (ReplicationStats) or --replica (ReplicaStats)
+        self.background: list = []   # more tasks for the daemon's nursery (the replica's follower)
 
     async def commit(self, change: Change):
         """Commit ``change`` durably; returns the commit Oid or None (no change)."""
@@ -308,6 +311,9 @@ class Maintenance:
         return self.state == "running"
 
     def start(self, kind: str, token: str) -> None:
+        if kind == "prune":
+            metrics.prune_running.set(1)
+            metrics.prune_progress.set(0)
         self.kind, self.token, self.state = kind, token, "running"
         self.phase, self.done, self.total = "starting", 0, 0
         self.result = self.error = None
@@ -316,6 +322,8 @@ class Maintenance:
 
     def progress_from(self, p) -> None:
         self.phase, self.done, self.total = p.phase, p.done, p.total
+        if self.kind == "prune" and p.total:
+            metrics.prune_progress.set(min(1.0, p.done / p.total))
 
     def finish(self, result: dict | None = None, error: str | None = None) -> None:
         if self.job is not None:
@@ -325,6 +333,12 @@ class Maintenance:
         self.phase = self.state
         self.finished = time.time()
         self.runs[self.kind] = self.runs.get(self.kind, 0) + 1
+        if self.kind == "prune":
+            metrics.prune_running.set(0)
+            if not error:
+                metrics.prune_progress.set(1)
+                metrics.prunes.inc()
+                metrics.last_prune.set(self.finished)
         if error:
             self.failures[self.kind] = self.failures.get(self.kind, 0) + 1
 
