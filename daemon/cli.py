@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+from ..fs.changes import safe_text
 from .options import DEFAULT_MOUNTPOINT, DEFAULT_REPO_ROOT, DEFAULT_TENANT, HELP, MountOptions
 
 
@@ -55,6 +56,55 @@ def _daemon_pid(mountpoint: str) -> int | None:
         return None
 
 
+def holders(mp: str) -> list[str]:
+    """Processes using something under ``mp`` (as ``fuser -m`` would say), from /proc:
+    current directory, root, executable, open files and mapped files. Only links are
+    read, nothing under the mount is touched (it may be hung). A regular user sees only
+    its own processes' descriptors."""
+    prefix = mp.rstrip("/") + "/"
+
+    def under(target: str) -> bool:
+        target = target.removesuffix(" (deleted)")
+        return target == mp or target.startswith(prefix)
+
+    out = []
+    for pid in sorted((p for p in os.listdir("/proc") if p.isdigit()), key=int):
+        if int(pid) == os.getpid():
+            continue
+        uses: list[str] = []
+        for link, what in (("cwd", "current directory"), ("root", "root directory"), ("exe", "executable")):
+            try:
+                if under(os.readlink(f"/proc/{pid}/{link}")):
+                    uses.append(what)
+            except OSError:
+                pass
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if under(target):
+                    uses.append(f"open file {target}")
+        except OSError:
+            pass
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                mapped = {line.split(None, 5)[5].strip() for line in f if len(line.split(None, 5)) == 6}
+            uses += [f"mapped file {t}" for t in sorted(mapped) if under(t)]
+        except OSError:
+            pass
+        if uses:
+            try:
+                with open(f"/proc/{pid}/comm") as f:
+                    comm = f.read().strip()
+            except OSError:
+                comm = "?"
+            more = f", +{len(uses) - 3} more" if len(uses) > 3 else ""
+            out.append(safe_text(f"pid {pid} ({comm}): {', '.join(uses[:3])}{more}", 512))
+    return out
+
+
 def cmd_umount(args) -> int:
     mp = os.path.abspath(args.mountpoint)
     pid = _daemon_pid(mp)
@@ -69,7 +119,11 @@ def cmd_umount(args) -> int:
         return 1
     r = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True)
     if r.returncode != 0:
-        print(f"agentstatefs: cannot unmount {mp}: {r.stderr.strip()}", file=sys.stderr)
+        reason = r.stderr.strip()
+        held = holders(mp) if "busy" in reason.lower() else []
+        if held:
+            reason += "; in use by " + "; ".join(held[:10]) + (f"; and {len(held) - 10} more" if len(held) > 10 else "")
+        print(f"agentstatefs: cannot unmount {mp}: {reason}", file=sys.stderr)
         return 1
     if pid is not None:
         deadline = time.monotonic() + args.timeout

@@ -87,6 +87,49 @@ def _first_fetch(repo: str, url: str) -> None:
             raise RepoError(f"replica: {exc}") from None
 
 
+OWN_REPO_HINT = "as a regular user, mount a repository you own: agentstatefs mount --repo ~/agents ~/agents-mnt"
+
+
+def _blocker(path: str, write: bool) -> tuple[str, str] | None:
+    """Where this user is stopped on the way to ``path``: (directory, what fails), or
+    None. Walks down from ``/``: a directory it cannot search, the directory it would
+    have to create ``path`` in, or ``path`` itself when it must be writable."""
+    cur = "/"
+    for comp in [c for c in path.split("/") if c]:
+        if not os.access(cur, os.X_OK):
+            return cur, "search"
+        nxt = os.path.join(cur, comp)
+        if not os.path.lexists(nxt):
+            return None if os.access(cur, os.W_OK | os.X_OK) else (cur, "create in")
+        cur = nxt
+    if write and os.path.isdir(cur) and not os.access(cur, os.W_OK | os.X_OK):
+        return cur, "write"
+    return None
+
+
+def check_writable(repo: str, mountpoint: str, readonly: bool) -> None:
+    """Before anything is created or forked: can this user create/write the repository
+    (and its own files: a repository another user created) and reach the mount point?
+    A clear message instead of a traceback from deep in start-up."""
+    checks = [] if readonly else [("repository", p, True) for p in
+                                  (repo, os.path.join(repo, "agentstatefs"), os.path.join(repo, "objects"))]
+    checks.append(("mount point", mountpoint, False))
+    for what, path, write in checks:
+        block = _blocker(path, write)
+        if block is None:
+            continue
+        where, how = block
+        try:
+            st = os.stat(where)
+            owner = f"owned by uid {st.st_uid}, mode {st.st_mode & 0o7777:o}"
+        except OSError:
+            owner = "not accessible"
+        hint = OWN_REPO_HINT if what == "repository" else \
+            "give a mount point you own, e.g. agentstatefs mount --repo ~/agents ~/agents-mnt"
+        top = repo if what == "repository" else mountpoint
+        raise MountError(f"cannot use the {what} {top}: permission denied to {how} {where} ({owner}); {hint}")
+
+
 def prepare_mountpoint(mountpoint: str) -> None:
     clean_stale_mount(mountpoint)
     os.makedirs(mountpoint, exist_ok=True)
@@ -96,6 +139,41 @@ def prepare_mountpoint(mountpoint: str) -> None:
                          f"{info[1] if info else ''}); unmount it first")
     if not os.path.isdir(mountpoint):
         raise MountError(f"mount point {mountpoint} is not a directory")
+
+
+def init_fuse(ops, mountpoint: str, fuse_options) -> None:
+    """``pyfuse3.init`` with libfuse's and fusermount3's own words on failure: they write
+    the real reason ("fuse: failed to open /dev/fuse: Permission denied", "option
+    allow_other only allowed if 'user_allow_other' is set in /etc/fuse.conf") to fd 2,
+    which is the log file in background mode; it is captured and becomes the message."""
+    import tempfile
+    with tempfile.TemporaryFile() as captured:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(captured.fileno(), 2)
+        error = None
+        try:
+            pyfuse3.init(ops, mountpoint, fuse_options)
+        except RuntimeError as exc:
+            error = exc
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        captured.seek(0)
+        text = captured.read(8192).decode("utf-8", "replace")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if error is None:
+        for line in lines:
+            log.warning("libfuse: %s", line)
+        return
+    reasons = [line for line in lines if line != str(error)]
+    reason = "; ".join(reasons) if reasons else f"{error} (is /dev/fuse available and fuse3 installed?)"
+    hint = ""
+    if "user_allow_other" in reason:
+        hint = " (add a line user_allow_other to /etc/fuse.conf, or mount without -o allow_other)"
+    elif "/dev/fuse" in reason and "ermission denied" in reason:
+        hint = " (this user may not open /dev/fuse: ask for access to it, or mount as root)"
+    raise MountError(f"cannot mount {mountpoint}: {reason}{hint}")
 
 
 async def _serve(ops: AgentFS, sm: StateManager, mountpoint: str, on_ready, notifier=None) -> None:
@@ -151,6 +229,12 @@ def run(repo: str, mountpoint: str, options: MountOptions, *, foreground: bool,
     # the umask it was started with (SPEC 3); the mount's own files get their modes
     # from each caller's umask, not from this one.
     private.restrict_umask()
+    if os.geteuid() != 0:
+        try:
+            check_writable(repo, mountpoint, options.ro)
+        except MountError as exc:
+            sys.stderr.write(f"agentstatefs: {exc}\n")
+            return 1
     ready_w = None
     if not foreground:
         ready_r, ready_w = os.pipe()
@@ -170,8 +254,13 @@ def run(repo: str, mountpoint: str, options: MountOptions, *, foreground: bool,
         os.close(ready_r)
         os.setsid()
         log_path = log_file or os.path.join(repo, "agentstatefs", "daemon.log")
-        os.makedirs(os.path.dirname(log_path), exist_ok=True)
-        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            os.makedirs(os.path.dirname(log_path), exist_ok=True)
+            fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        except OSError as exc:
+            hint = "" if log_file else f"; {OWN_REPO_HINT}"
+            os.write(ready_w, f"agentstatefs: cannot open the log {log_path}: {exc.strerror}{hint}\n".encode())
+            os._exit(1)
         devnull = os.open(os.devnull, os.O_RDWR)
         os.dup2(devnull, 0)
         os.dup2(fd, 1)
@@ -238,11 +327,11 @@ def run(repo: str, mountpoint: str, options: MountOptions, *, foreground: bool,
         sm.replication = follower.stats
         sm.background.append(follower.run)
     try:
-        pyfuse3.init(ops, mountpoint, options.fuse_options(repo))
-    except RuntimeError as exc:
+        init_fuse(ops, mountpoint, options.fuse_options(repo))
+    except MountError as exc:
         store.close()
         lock.release()
-        return fail(f"cannot mount {mountpoint}: {exc} (is /dev/fuse available and fuse3 installed?)")
+        return fail(str(exc))
     log.info("mounted %s at %s (%s)", repo, mountpoint, ",".join(sorted(options.fuse_options(repo))))
 
     def on_ready():
