@@ -417,6 +417,10 @@ class Store:
             self._write_checkpoint(head, seq)
             self.journal.drop_through(seq)
             self.last_checkpoint = time.monotonic()
+            try:
+                self.journal.prepare_spare()   # the next segment, pre-zeroed (journal.py)
+            except OSError as exc:
+                log.warning("could not prepare the next journal segment ahead (%s); it will grow as it is written", exc)
             return True
 
     # -- retention and gc (run by the state manager's committer, or offline) -----------

@@ -150,19 +150,19 @@ def test_enospc_in_append_leaves_no_partial_record(tmp_path, monkeypatch):
     j = Journal(str(d))
     j.append([b"a"])
     j.sync()
-    real_write = os.write
+    real_write = os.pwrite
     calls = []
 
-    def short_then_enospc(fd, data):
+    def short_then_enospc(fd, data, off):
         calls.append(len(data))
         if len(calls) == 1:
-            return real_write(fd, bytes(data[:10]))
+            return real_write(fd, bytes(data[:10]), off)
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(os, "write", short_then_enospc)
+    monkeypatch.setattr(os, "pwrite", short_then_enospc)
     with pytest.raises(OSError) as exc:
         j.append([b"x" * 100])
     assert exc.value.errno == errno.ENOSPC
-    monkeypatch.setattr(os, "write", real_write)
+    monkeypatch.setattr(os, "pwrite", real_write)
     assert j.failed is None
     assert j.append([b"b"]) == [2]
     j.sync()
@@ -278,3 +278,48 @@ def test_refused_write_stays_refused_after_a_crash(failsync, mounts):
     m.stop()
     fsck = subprocess.run(["git", "-C", str(m.repo), "fsck", "--full"], capture_output=True, text=True)
     assert fsck.returncode == 0, fsck.stderr
+
+
+# -- pre-zeroed segments ------------------------------------------------------------
+
+def test_prezeroed_segments_are_used_and_read_across(tmp_path):
+    """Records overwrite a pre-zeroed spare; reading stops at its zero rest and goes on
+    with the next segment; a torn record inside the zeros still ends reading."""
+    j = Journal(str(tmp_path))
+    assert j.prepare_spare()
+    assert not j.prepare_spare()           # one spare at a time
+    spare_size = (tmp_path / "spare.zero").stat().st_size
+    assert spare_size >= 1 << 20
+    j.append([b"one", b"two"])
+    j.sync()
+    assert not (tmp_path / "spare.zero").exists()        # it became the first segment
+    first = sorted(tmp_path.glob("*.log"))
+    assert len(first) == 1 and first[0].stat().st_size == spare_size
+    j.prepare_spare()
+    j.open_new_segment()                   # rotation takes the new spare
+    j.append([b"three"])
+    j.sync()
+    j.close()
+    segs = sorted(tmp_path.glob("*.log"))
+    assert len(segs) == 2 and all(s.stat().st_size == spare_size for s in segs)
+    assert records(tmp_path) == [(1, b"one"), (2, b"two"), (3, b"three")]
+    # A fresh process continues numbering after the last intact record.
+    j2 = Journal(str(tmp_path))
+    list(j2.read_after(0))
+    assert j2.next_seq == 4
+    # Garbage in the zero rest of the first segment: a torn tail, reading stops there.
+    with open(segs[0], "r+b") as f:
+        f.seek(4000)
+        f.write(b"\x01")
+    assert records(tmp_path) == [(1, b"one"), (2, b"two")]
+
+
+def test_segment_grows_past_its_spare(tmp_path):
+    j = Journal(str(tmp_path))
+    j.prepare_spare()
+    big = b"x" * (700 << 10)
+    for _ in range(3):                      # 2.1 MiB into a 1 MiB spare
+        j.append([big])
+        j.sync()
+    j.close()
+    assert [s for s, _ in records(tmp_path)] == [1, 2, 3]
