@@ -191,6 +191,7 @@ async def _serve(ops: AgentFS, sm: StateManager, mountpoint: str, on_ready, noti
         if notifier is not None:  # systemd: READY=1 once the mount answers, watchdog, STATUS
             nursery.start_soon(notifier)
         nursery.start_soon(_ready_when_answering, mountpoint, on_ready)
+        nursery.start_soon(ops.ns.warm_up)
         await pyfuse3.main()
         # The FUSE loop ended (unmounted, or terminate() after a signal).
         sdnotify.stopping("unmounted; finishing in-flight commits")

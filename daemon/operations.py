@@ -193,8 +193,18 @@ class AgentFS(pyfuse3.Operations):
 
     @handler
     async def readdir(self, fh, start_id, token):
-        await self.ns.readdir(fh, start_id, lambda name, attr, nxt: pyfuse3.readdir_reply(
-            token, name.encode("utf-8", "surrogateescape"), _entry(attr), nxt))
+        shared = [None, None]      # a shared Attr (namespace.Attr.shared) and its entry
+
+        def reply(name, attr, nxt):
+            if attr.shared:
+                if shared[0] is not attr:
+                    shared[0], shared[1] = attr, _entry(attr)
+                e = shared[1]
+                e.st_ino, e.generation = attr.ino, attr.generation
+            else:
+                e = _entry(attr)
+            return pyfuse3.readdir_reply(token, name.encode("utf-8", "surrogateescape"), e, nxt)
+        await self.ns.readdir(fh, start_id, reply)
 
     @handler
     async def releasedir(self, fh):

@@ -166,6 +166,8 @@ class GitStore:
         self._blob_cache_max = blob_cache_bytes
         self._agents: set[str] | None = None
         self._agents_delta: dict = {}
+        self._sorted: list[str] | None = None   # sorted(_agents), handed out read-only
+        self._sorted_shared = False             # handed out: copy before changing it
         self.pending_objects: dict = {}
         self._ref_fd: int | None = None
         self.group_objects: list = []    # objects first written by the current group
@@ -173,7 +175,8 @@ class GitStore:
         self._memory = mempack.attach(self.repo, self.pending_objects)
         self._attached = [self.pending_objects]   # memory backends to attach again on reopen
         self._head: pygit2.Oid | None = None
-        self._root: pygit2.Tree | None = None
+        self._root_id: pygit2.Oid | None = None     # the head's tree
+        self._root_tree: pygit2.Tree | None = None  # ... read only when something needs it
         self._load_head()
 
     # -- head -------------------------------------------------------------------
@@ -196,11 +199,32 @@ class GitStore:
     def head(self) -> pygit2.Oid | None:
         return self._head
 
+    @property
+    def root_id(self) -> pygit2.Oid | None:
+        return self._root_id
+
+    @property
+    def _root(self) -> pygit2.Tree | None:
+        """The head's tree, looked up on first use: a commit and a publish know its id
+        already, and most groups never need the object (two lookups saved per group)."""
+        tree = self._root_tree
+        if tree is None and self._root_id is not None:
+            tree = self._root_tree = self.repo[self._root_id]
+        return tree
+
+    @_root.setter
+    def _root(self, tree: pygit2.Tree | None) -> None:
+        self._root_tree = tree
+        self._root_id = tree.id if tree is not None else None
+
+    def _set_root_id(self, oid: pygit2.Oid | None) -> None:
+        self._root_id, self._root_tree = oid, None
+
     def reset_head(self, oid: pygit2.Oid | None) -> None:
         """Point ``main`` at ``oid`` (recovery only) and drop every cache."""
         with self._lock:
             self._agent_cache.clear()
-            self._agents = None
+            self._agents = self._sorted = None
             self._head = oid
             self._root = self.repo[oid].tree if oid is not None else None
             if oid is None:
@@ -233,7 +257,7 @@ class GitStore:
             self._root = self.repo[oid].tree if oid is not None else None
             for a in agents:
                 self._agent_cache.pop(a, None)
-            self._agents = None
+            self._agents = self._sorted = None
 
     def move_head(self, oid: pygit2.Oid) -> None:
         """Point the in-memory head at ``oid``, a commit with the same tree as the head
@@ -242,19 +266,18 @@ class GitStore:
         with self._lock:
             self._head, self._root = oid, root
 
-    def publish(self, oid: pygit2.Oid, views: dict) -> None:
+    def publish(self, oid: pygit2.Oid, views: dict, root_id: pygit2.Oid | None = None) -> None:
         """Reader side: make ``oid`` the head readers see, with the agents the writer
-        changed (``{agent: AgentView or None}``, immutable views shared with it)."""
-        root = self.repo[oid].tree
+        changed (``{agent: AgentView or None}``, immutable views shared with it).
+        ``root_id``: the commit's tree, when the writer says it (saves two lookups)."""
+        if root_id is None:
+            root_id = self.repo[oid].tree_id
         with self._lock:
-            self._head, self._root = oid, root
+            self._head = oid
+            self._set_root_id(root_id)
             for agent, view in views.items():
                 self._cache_agent(agent, view)
-                if self._agents is not None:
-                    if view is None:
-                        self._agents.discard(agent)
-                    else:
-                        self._agents.add(agent)
+                self._agent_listed(agent, view is not None)
             if self._agents is None:
                 self._agents_delta.update(views)   # replayed onto a walk in progress
 
@@ -386,6 +409,37 @@ class GitStore:
                 self._agents = found
             return self._agents
 
+    def _agent_listed(self, agent: str, exists: bool) -> None:
+        """Keep the agent set (and its sorted snapshot) up to date (lock held)."""
+        if self._agents is None or (agent in self._agents) == exists:
+            return
+        if exists:
+            self._agents.add(agent)
+        else:
+            self._agents.discard(agent)
+        ids = self._sorted
+        if ids is not None:
+            if self._sorted_shared:
+                ids = self._sorted = list(ids)
+                self._sorted_shared = False
+            i = bisect.bisect_left(ids, agent)
+            if exists:
+                ids.insert(i, agent)
+            elif i < len(ids) and ids[i] == agent:
+                del ids[i]
+
+    def sorted_agents(self) -> list[str]:
+        """Every agent id at the head, sorted: a snapshot the caller must not change
+        (``ls M`` lists from it; kept sorted across commits instead of re-sorting 100,000
+        ids per listing). Builds the agent set first if needed (a walk: call it off the
+        trio thread then)."""
+        self.agents()
+        with self._lock:
+            if self._sorted is None:
+                self._sorted = sorted(self._agents)
+            self._sorted_shared = True
+            return self._sorted
+
     def agents_loaded(self) -> bool:
         return self._agents is not None
 
@@ -479,8 +533,7 @@ class GitStore:
 
     def _new_root(self, agent: str, agent_tree: pygit2.Oid | None) -> pygit2.Oid:
         a, b = fanout(agent)
-        root = self._root.id if self._root is not None else None
-        root_entries = self._entries(root)
+        root_entries = self._entries(self._root_id)
         l1 = self._child_oid(root_entries, a)
         l2 = self._child_oid(self._entries(l1), b)
         new_l2 = self._replace(l2, agent, agent_tree)
@@ -564,13 +617,9 @@ class GitStore:
             if update_ref:
                 self.write_ref(oid)
             self._head = oid
-            self._root = self.repo[oid].tree
+            self._set_root_id(root)
             self._cache_agent(agent, new_view)
-            if self._agents is not None:
-                if new_view is None:
-                    self._agents.discard(agent)
-                else:
-                    self._agents.add(agent)
+            self._agent_listed(agent, new_view is not None)
             return oid
 
     def _updated_view(self, view: AgentView, change: ch.Change) -> AgentView | None:

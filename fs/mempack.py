@@ -6,7 +6,7 @@ the durability point and replay rebuilds every object. So the writer's repositor
 an in-memory object backend (``MemoryObjects``, a libgit2 odb backend implemented in
 Python) that takes every write; readers' repositories get a second backend over the
 same dict, so they read new objects before they reach the disk. A checkpoint writes
-everything in it as ONE pack file (``write_pack``: plain pack v2 + idx v2, zlib level 1,
+everything in it as ONE pack file (``write_pack``: plain pack v2 + idx v2, zlib level 1 (trees stored),
 no deltas), fsyncs it, and only then drops those objects from memory. Background
 ``git repack --geometric`` keeps the number of packs small.
 """
@@ -72,7 +72,11 @@ class MemoryObjects(pygit2.OdbBackend):
         return iter(list(self.objects))
 
 
-MEMORY_PRIORITY = 1000      # above loose (1) and packed (2): libgit2 writes to the first writable
+# Above loose (1) and packed (2): the objects of the newest groups (the head's trees,
+# the blob just written) are read right after they are made. Measured the other way
+# round (packs first): 124 instead of 27 µs per lookup of an in-memory object on the
+# write path, against 0.65 -> 0.58 s for the 65,536-lookup agent walk at 100,000 agents.
+MEMORY_PRIORITY = 1000
 
 
 def attach(repo: pygit2.Repository, objects: dict) -> MemoryObjects:
@@ -120,7 +124,9 @@ def write_pack(repo_dir: str, objects: dict, durable: bool = True) -> str | None
     offset = len(body[0])
     entries = []          # (raw oid, crc32, offset)
     for oid, (t, data) in items:
-        chunk = _pack_header(int(t), len(data)) + zlib.compress(data, 1)
+        # Trees (mostly ids: they hardly compress, and at 100,000 agents two of them per
+        # commit are ~7.5 KB) are stored; the background repack keeps them as they are.
+        chunk = _pack_header(int(t), len(data)) + zlib.compress(data, 0 if t == ObjectType.TREE else 1)
         entries.append((oid.raw, zlib.crc32(chunk) & 0xFFFFFFFF, offset))
         sha.update(chunk)
         body.append(chunk)

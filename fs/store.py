@@ -76,6 +76,7 @@ class Group:
     head: pygit2.Oid | None
     views: dict          # agent -> AgentView or None (deleted), as of ``head``
     made: list = field(default_factory=list)   # (commit oid, concrete Change, {file: version}) in order
+    root: pygit2.Oid | None = None              # the head's tree id (readers need not look it up)
 
 
 class Store:
@@ -388,7 +389,7 @@ class Store:
             # The index file is written out at checkpoints, not per group: an append
             # between two journal fdatasyncs makes ext4 write it with each of them. After
             # a crash it is repaired from git on open.
-            return Group(results, self.git.head, views, [(o, c, v) for o, c, _, v in made])
+            return Group(results, self.git.head, views, [(o, c, v) for o, c, _, v in made], self.git.root_id)
 
     # -- checkpoint ---------------------------------------------------------------
     def checkpoint(self, force: bool = False) -> bool:
