@@ -52,6 +52,7 @@ log = logging.getLogger("agentstatefs")
 
 LIVE_TIMEOUT = 1.0
 RELATIME_NS = 24 * 3600 * 10**9
+LINK_MAX = 65000              # hard links per scratch file (ext4's EXT4_LINK_MAX)
 HISTORY_READ_PIDS = 1024      # processes remembered as having read @history versions
 HISTORY_READS_PER_PID = 64    # versions remembered per process
 HISTORY_READ_TTL_NS = 600 * 10**9
@@ -1528,6 +1529,8 @@ class Namespace:
             raise FsError(errno.EPERM, "hard links to directories are not allowed")
         if node.nlink == 0:
             raise FsError(errno.ENOENT, "file was removed")
+        if node.nlink >= LINK_MAX:
+            raise FsError(errno.EMLINK, f"a file has at most {LINK_MAX} links (as on ext4)")
         sdir = self._scratch_target(parent, name)
         self.scratch.charge_name(node, name)
         sdir.children[name] = node
