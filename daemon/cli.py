@@ -188,6 +188,7 @@ VERB_MODULES: list[str] = [
     "maint_cli",
     "prune_cli",
     "put_cli",
+    "crypto_cli",
 ]
 
 

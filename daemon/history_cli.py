@@ -30,6 +30,7 @@ from ..fs.history import TIME_FORMS, iso
 from ..fs.names import DURABLE_FILES, check_agent_id
 from ..fs.repolock import RepoLock
 from ..fs.store import Store
+from .credentials import CredentialError, repository_key
 from .options import DEFAULT_REPO_ROOT, DEFAULT_TENANT
 
 
@@ -70,12 +71,17 @@ def check_readable(repo: str) -> None:
 
 
 @contextmanager
-def open_store(repo: str, write: bool = False):
-    """A Store for the CLI: recovering (and locked) when no daemon holds the repo."""
+def open_store(repo: str, write: bool = False, keyfile: str | None = None):
+    """A Store for the CLI: recovering (and locked) when no daemon holds the repo.
+    ``keyfile`` (or the systemd credential ``key``) opens an encrypted store."""
     private.restrict_umask()
     check_readable(repo)
     if not os.path.isdir(os.path.join(repo, "objects")):
         raise RepoError(f"{repo} is not an agentstatefs repository")
+    try:
+        key = repository_key(keyfile)
+    except CredentialError as exc:
+        raise RepoError(str(exc)) from None
     lock = RepoLock(repo)
     locked = False
     try:
@@ -84,7 +90,11 @@ def open_store(repo: str, write: bool = False):
     except (RepoError, OSError):
         if write:
             raise
-    store = Store(repo, create=False, readonly=not locked)
+    try:
+        store = Store(repo, create=False, readonly=not locked, key=key)
+    except BaseException:
+        lock.release()
+        raise
     try:
         yield store
     finally:
@@ -102,7 +112,7 @@ def _split_path(path: str) -> tuple[str, str | None]:
 
 
 def cmd_log(args) -> int:
-    with open_store(args.repo) as store:
+    with open_store(args.repo, keyfile=args.keyfile) as store:
         idx = store.history
         if args.agent:
             check_agent_id(args.agent)
@@ -140,14 +150,14 @@ def _file_at(store, rev: str, agent: str, name: str) -> tuple[bytes | None, dict
     view = store.git.agent_at(e.commit, agent)
     if view is None or name not in view.files:
         return None, None, e.commit
-    return store.git.read_blob(view.files[name]), view.file_meta(name), e.commit
+    return store.git.read_blob(view.files[name], agent, name), view.file_meta(name), e.commit
 
 
 def cmd_show(args) -> int:
     agent, name = _split_path(args.path)
     if name is None:
         raise FsError(2, "show needs AGENT/FILE, e.g. a1/config.json")
-    with open_store(args.repo) as store:
+    with open_store(args.repo, keyfile=args.keyfile) as store:
         data, fm, commit = _file_at(store, args.rev, agent, name)
         if data is None:
             raise FsError(2, f"{agent}/{name} does not exist at {commit[:10]}")
@@ -162,7 +172,7 @@ def cmd_show(args) -> int:
 
 
 def cmd_diff(args) -> int:
-    with open_store(args.repo) as store:
+    with open_store(args.repo, keyfile=args.keyfile) as store:
         scope = _split_path(args.path)[0] if args.path else None
         c1, c2 = _resolve(store, args.rev1, scope).commit, _resolve(store, args.rev2, scope).commit
         if args.path:
@@ -202,7 +212,7 @@ def cmd_restore(args) -> int:
         return _restore_mounted(args, agent, mountpoint)
     if mountpoint is not None:
         raise RepoError(f"{args.repo} is in use but its mount point is unknown; restore with cp from @history")
-    with open_store(args.repo, write=True) as store:
+    with open_store(args.repo, write=True, keyfile=args.keyfile) as store:
         data, fm, commit = _file_at(store, args.rev, agent, args.file)
         if data is None:
             raise FsError(2, f"{agent}/{args.file} does not exist at {commit[:10]} ({args.rev})")
@@ -240,7 +250,7 @@ def _restore_mounted(args, agent: str, mp: str) -> int:
         src = os.path.join(mp, agent, "@history", args.rev, args.file)
     else:
         # A deleted agent: its own @history is gone with it; resolve its revision here.
-        with open_store(args.repo) as store:
+        with open_store(args.repo, keyfile=args.keyfile) as store:
             commit = _resolve(store, args.rev, agent).commit
         src = os.path.join(mp, "@history", commit, agent, args.file)
     try:
@@ -250,12 +260,12 @@ def _restore_mounted(args, agent: str, mp: str) -> int:
         version = os.getxattr(src, "user.agentstatefs.version").decode()
     except FileNotFoundError:
         # Why: the revision (the daemon answers ENOENT only), or the file at it.
-        with open_store(args.repo) as store:
+        with open_store(args.repo, keyfile=args.keyfile) as store:
             commit = _resolve(store, args.rev, agent).commit
         raise FsError(2, f"{agent}/{args.file} does not exist at {commit[:10]} ({args.rev})") from None
     except OSError as exc:
         if exc.errno == errno.EINVAL:
-            with open_store(args.repo) as store:
+            with open_store(args.repo, keyfile=args.keyfile) as store:
                 _resolve(store, args.rev, agent)   # ambiguous prefix: the store says which
         raise
     try:
@@ -298,6 +308,7 @@ def register(sub) -> None:
     p.add_argument("file", nargs="?", choices=DURABLE_FILES)
     p.add_argument("-n", type=int, default=0, help="show at most N commits")
     p.add_argument("--repo", default=default_repo)
+    p.add_argument("--keyfile", help="key of an encrypted store (default: the systemd credential 'key')")
     p.set_defaults(func=_run(cmd_log))
 
     p = sub.add_parser("diff", help="unified diff of state between two revisions")
@@ -305,6 +316,7 @@ def register(sub) -> None:
     p.add_argument("rev2", help=rev_help)
     p.add_argument("path", nargs="?", help="AGENT or AGENT/FILE to limit the diff")
     p.add_argument("--repo", default=default_repo)
+    p.add_argument("--keyfile", help="key of an encrypted store (default: the systemd credential 'key')")
     p.set_defaults(func=_run(cmd_diff))
 
     p = sub.add_parser("show", help="print a state file as of a revision")
@@ -313,6 +325,7 @@ def register(sub) -> None:
     p.add_argument("--envelope", action="store_true",
                    help="wrap as {agent_id, state_type, timestamp, version, data}")
     p.add_argument("--repo", default=default_repo)
+    p.add_argument("--keyfile", help="key of an encrypted store (default: the systemd credential 'key')")
     p.set_defaults(func=_run(cmd_show))
 
     p = sub.add_parser("restore", help="make a past version current again (a new commit)")
@@ -320,4 +333,5 @@ def register(sub) -> None:
     p.add_argument("file", choices=DURABLE_FILES)
     p.add_argument("rev", help=rev_help)
     p.add_argument("--repo", default=default_repo)
+    p.add_argument("--keyfile", help="key of an encrypted store (default: the systemd credential 'key')")
     p.set_defaults(func=_run(cmd_restore))

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from ..fs import fsck, private
+from .credentials import CredentialError, repository_key
 from .options import DEFAULT_REPO_ROOT, DEFAULT_TENANT
 
 
@@ -15,7 +16,12 @@ def cmd_fsck(args) -> int:
     if not os.path.isdir(os.path.join(args.repo, "objects")):
         print(f"agentstatefs: {args.repo} is not an agentstatefs repository", file=sys.stderr)
         return 1
-    r = fsck.check(args.repo)
+    try:
+        key = repository_key(args.keyfile)
+    except CredentialError as exc:
+        print(f"agentstatefs: {exc}", file=sys.stderr)
+        return 1
+    r = fsck.check(args.repo, key=key)
     for p in r.problems:
         print(f"PROBLEM: {p}")
     pending = f", {r.journal_records} journal record(s) to replay at next mount" if r.journal_records else ""
@@ -70,6 +76,8 @@ def register(sub) -> None:
     default_repo = os.path.join(DEFAULT_REPO_ROOT, DEFAULT_TENANT)
     p = sub.add_parser("fsck", help="verify every object, agent metadata, checkpoint and journal")
     p.add_argument("--repo", default=default_repo)
+    p.add_argument("--keyfile", help="key of an encrypted store: every blob and journal record "
+                                     "must decrypt (default: the systemd credential 'key')")
     p.set_defaults(func=cmd_fsck)
     p = sub.add_parser("gc", help="pack every object, drop unreachable ones (pruned history); mounted or not")
     p.add_argument("--repo", default=default_repo)

@@ -24,6 +24,7 @@ from ..fs.errors import RepoError
 from ..fs.repolock import RepoLock
 from ..fs.store import Store
 from . import logs, sdnotify
+from .credentials import CredentialError, repository_key
 from .operations import AgentFS
 from .options import MountOptions
 from ..fs.statemgr import StateManager
@@ -302,12 +303,14 @@ def run(repo: str, mountpoint: str, options: MountOptions, *, foreground: bool,
             raise RepoError(f"repository {repo} does not exist (read-only mount cannot create it)")
         os.makedirs(repo, mode=0o700, exist_ok=True)
         private.tighten(repo)
+        key = repository_key(options.keyfile)
         if not options.ro:
             lock.acquire(mountpoint)
         if options.replica:
             _first_fetch(repo, options.replica)
-        store = Store(repo, readonly=options.ro)
-    except (MountError, RepoError) as exc:
+        store = Store(repo, readonly=options.ro, key=key)
+        del key
+    except (MountError, RepoError, CredentialError) as exc:
         lock.release()
         return fail(str(exc))
     except OSError as exc:
@@ -333,7 +336,8 @@ def run(repo: str, mountpoint: str, options: MountOptions, *, foreground: bool,
         store.close()
         lock.release()
         return fail(str(exc))
-    log.info("mounted %s at %s (%s)", repo, mountpoint, ",".join(sorted(options.fuse_options(repo))))
+    log.info("mounted %s at %s (%s)%s", repo, mountpoint, ",".join(sorted(options.fuse_options(repo))),
+             ", encrypted at rest" if store.codec.encrypted else "")
 
     def on_ready():
         if ready_w is not None:

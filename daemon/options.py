@@ -34,6 +34,11 @@ mount options (-o opt[,opt...], may be repeated):
                         git://, file:// or a path; no commas); force-pushed with lease after a prune
   replicate_interval=SECONDS  how often to push when main moved (default 5, 0.05 to 86400)
   replica_interval=SECONDS    with --replica: how often to fetch the remote (default 5, 0.05 to 86400)
+  keyfile=PATH          encrypt the store at rest with the key in PATH (64 bytes: raw, hex or
+                        base64; 'agentstatefs keygen PATH' makes one). Without it the systemd
+                        credential 'key' is used if the service has one. A new store is
+                        encrypted from its first write; an existing one must already be
+                        (see 'agentstatefs encrypt'); a wrong or missing key refuses the mount
 SIZE is a number of bytes with an optional K, M or G suffix (powers of 1024), e.g. 512K, 16M.
 """
 
@@ -118,6 +123,7 @@ class MountOptions:
     replicate_interval: float = 5.0
     replica_interval: float = 5.0
     replica: str = ""            # set by mount --replica URL (not a -o option)
+    keyfile: str = ""
 
     @classmethod
     def parse(cls, groups: list[str] | None) -> "MountOptions":
@@ -140,6 +146,10 @@ class MountOptions:
                     elif key == "replicate":
                         from ..fs.replicate import check_url
                         o.replicate = check_url(value)
+                    elif key == "keyfile":
+                        if not value:
+                            raise ValueError("keyfile needs a path")
+                        o.keyfile = value
                     elif key == "fsname":
                         o.fsname = value
                     elif key == "history":

@@ -2,7 +2,9 @@
 
 fsck reads every object reachable from ``main`` once and recomputes its SHA-1, checks
 each agent's ``meta.json`` against its files (sizes, valid JSON), the checkpoint and
-the journal, and runs ``git fsck --full --strict`` for the syntax of every object
+the journal; in an encrypted store every blob of every agent tree in the history and
+every journal record must open with the key given (and a plaintext one is a problem, as
+is an encrypted one in a plaintext store). It runs ``git fsck --full --strict`` for the syntax of every object
 (malformed author lines, trees, tags) and the connectivity of every ref. It never
 modifies the repository.
 
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 import pygit2
 from pygit2.enums import ObjectType, Option
 
+from . import crypto
 from .journal import Journal
 from .names import DURABLE_FILES, META_FILE
 from .validate import check_json
@@ -69,14 +72,19 @@ def _open(repo_dir: str) -> pygit2.Repository:
         pygit2.option(Option.SET_OWNER_VALIDATION, validating)
 
 
-def check(repo_dir: str) -> Report:
+def check(repo_dir: str, key: bytes | None = None) -> Report:
     report = Report()
     try:
         repo = _open(repo_dir)
     except (pygit2.GitError, KeyError) as exc:
         report.problems.append(f"not a git repository: {exc}")
         return report
-    _check_main(repo, repo_dir, report)
+    try:
+        codec = crypto.codec_for(repo_dir, repo, key, fresh=False, create=False)
+    except crypto.CryptoError as exc:
+        report.problems.append(f"encryption: {exc}")
+        codec = None   # structure and git checks still run; contents cannot be verified
+    _check_main(repo, repo_dir, report, codec)
     _check_git(repo_dir, report)
     return report
 
@@ -101,7 +109,17 @@ def _parse_commit(oid, kind, data: bytes) -> tuple[pygit2.Oid, list[pygit2.Oid]]
     return tree, parents
 
 
-def _check_main(repo: pygit2.Repository, repo_dir: str, report: Report) -> None:
+def _open_blob(codec, agent: str, name: str, data: bytes, report: Report) -> bytes | None:
+    if codec is None:
+        return None
+    try:
+        return codec.open_blob(agent, name, data)
+    except crypto.CryptoError as exc:
+        report.problems.append(str(exc))
+        return None
+
+
+def _check_main(repo: pygit2.Repository, repo_dir: str, report: Report, codec=crypto.PLAIN) -> None:
     try:
         ref = repo.references.get("refs/heads/main")
     except (pygit2.GitError, ValueError) as exc:
@@ -126,9 +144,9 @@ def _check_main(repo: pygit2.Repository, repo_dir: str, report: Report) -> None:
         chain.append(str(oid))
         if head_tree is None:
             head_tree = tree_id
-        stack = [tree_id]
+        stack = [(tree_id, 0, "")]    # (tree, depth: 3 = an agent's tree, agent id)
         while stack:
-            t = stack.pop()
+            t, depth, agent = stack.pop()
             if t in seen:
                 continue
             seen.add(t)
@@ -141,17 +159,28 @@ def _check_main(repo: pygit2.Repository, repo_dir: str, report: Report) -> None:
                 continue
             for entry in entries:
                 if entry.type == ObjectType.TREE:
-                    stack.append(entry.id)
+                    stack.append((entry.id, depth + 1, entry.name if depth == 2 else agent))
+                elif depth == 3 and codec is not None and codec.encrypted:
+                    # Every place a blob appears must open it (a sealed blob copied to
+                    # another agent or file does not).
+                    placed = (entry.id, agent, entry.name)
+                    if placed not in seen:
+                        seen.add(placed)
+                        got = _verify(repo, entry.id, report)
+                        if got is not None:
+                            _open_blob(codec, agent, entry.name, got[1], report)
                 elif entry.id not in seen:
                     seen.add(entry.id)
-                    _verify(repo, entry.id, report)
+                    got = _verify(repo, entry.id, report)
+                    if got is not None and depth == 3:
+                        _open_blob(codec, agent, entry.name, got[1], report)   # no sealed blob
         oid = parents[0] if parents else None
     if head_tree is not None:
         try:
-            _check_agents(repo, repo[head_tree], report)
+            _check_agents(repo, repo[head_tree], report, codec)
         except (pygit2.GitError, ValueError, KeyError) as exc:
             report.problems.append(f"agent trees of main unreadable: {exc}")
-    _check_journal(repo_dir, chain, report)
+    _check_journal(repo_dir, chain, report, codec)
 
 
 GIT_FSCK_MAX_LINES = 100
@@ -184,7 +213,7 @@ def _check_git(repo_dir: str, report: Report) -> None:
         report.problems.append(f"git fsck --full --strict failed (exit {r.returncode})")
 
 
-def _check_agents(repo, root, report: Report) -> None:
+def _check_agents(repo, root, report: Report, codec) -> None:
     if root is None:
         return
     for l1 in root:
@@ -196,7 +225,10 @@ def _check_agents(repo, root, report: Report) -> None:
                 where = f"agent {agent.name} ({l1.name}/{l2.name})"
                 try:
                     tree = repo[agent.id]
-                    meta = json.loads(repo[tree[META_FILE].id].data)
+                    meta_blob = repo[tree[META_FILE].id].data
+                    if codec is None:
+                        continue   # encrypted, no key: nothing more to check here
+                    meta = json.loads(codec.open_blob(agent.name, META_FILE, meta_blob))
                 except Exception as exc:
                     report.problems.append(f"{where}: meta.json missing or invalid: {exc}")
                     continue
@@ -207,7 +239,7 @@ def _check_agents(repo, root, report: Report) -> None:
                         report.problems.append(f"{where}: unexpected entry {entry.name}")
                         continue
                     try:
-                        data = repo[entry.id].data
+                        data = codec.open_blob(agent.name, entry.name, repo[entry.id].data)
                         check_json(data)
                     except Exception as exc:
                         report.problems.append(f"{where}/{entry.name}: {exc}")
@@ -217,7 +249,7 @@ def _check_agents(repo, root, report: Report) -> None:
                         report.problems.append(f"{where}/{entry.name}: meta.json disagrees with the file")
 
 
-def _check_journal(repo_dir: str, chain: list[str], report: Report) -> None:
+def _check_journal(repo_dir: str, chain: list[str], report: Report, codec=crypto.PLAIN) -> None:
     meta = os.path.join(repo_dir, "agentstatefs")
     cp_path = os.path.join(meta, "checkpoint")
     seq = 0
@@ -233,9 +265,11 @@ def _check_journal(repo_dir: str, chain: list[str], report: Report) -> None:
     jdir = os.path.join(meta, "journal")
     if os.path.isdir(jdir):
         try:
-            report.journal_records = sum(1 for _ in Journal(jdir).read_after(seq))
+            report.journal_records = sum(1 for _ in Journal(jdir, codec=codec).read_after(seq))
         except OSError as exc:
             report.problems.append(f"journal unreadable: {exc}")
+        except crypto.CryptoError as exc:
+            report.problems.append(f"journal: {exc}")
 
 
 def loose_object_count(repo_dir: str) -> int:

@@ -23,7 +23,7 @@ import xxhash
 from pygit2.enums import FileMode, ObjectType
 
 from . import changes as ch
-from . import mempack
+from . import crypto, mempack
 from .errors import FsError, RepoError
 from .layout import FORMAT_BLOB, FORMAT_NAME, fanout
 from .names import DURABLE_FILES, META_FILE
@@ -141,8 +141,12 @@ class GitStore:
     """Reads and commits agent state in a bare git repository."""
 
     def __init__(self, path: str, *, create: bool = True, agent_cache: int = 4096,
-                 blob_cache_bytes: int = 64 << 20):
+                 blob_cache_bytes: int = 64 << 20, codec=crypto.PLAIN):
         self.path = os.path.abspath(path)
+        # Every blob inside an agent's tree passes through the codec (fs/crypto.py):
+        # sealed on the way in, opened (and refused if it does not open) on the way out.
+        self.codec = codec
+        self._last_sealed: tuple | None = None
         try:
             if os.path.isdir(os.path.join(self.path, "objects")):
                 self.repo = pygit2.Repository(self.path)
@@ -346,7 +350,7 @@ class GitStore:
         meta = None
         for entry in tree:
             if entry.name == META_FILE:
-                meta = json.loads(self.read_blob(entry.id))
+                meta = json.loads(self.read_blob(entry.id, agent, META_FILE))
             elif entry.name in DURABLE_FILES:
                 files[entry.name] = entry.id
         if meta is None:
@@ -456,16 +460,23 @@ class GitStore:
                     if entry.type == ObjectType.TREE:
                         yield entry.name
 
-    def read_blob(self, oid: pygit2.Oid) -> bytes:
+    def read_blob(self, oid: pygit2.Oid, agent: str, name: str) -> bytes:
+        """The content of blob ``oid`` found at ``agent/name`` (opened by the codec: in an
+        encrypted store a blob that does not open there is EIO, never served)."""
+        key = oid if not self.codec.encrypted else (oid, agent, name)
         with self._lock:
-            data = self._blob_cache.get(oid)
+            data = self._blob_cache.get(key)
             if data is not None:
-                self._blob_cache.move_to_end(oid)
+                self._blob_cache.move_to_end(key)
                 return data
-        data = self.repo[oid].data
+        try:
+            data = self.codec.open_blob(agent, name, self.repo[oid].data)
+        except crypto.CryptoError as exc:
+            log.error("refused to read blob %s: %s", oid, exc)
+            raise FsError(errno.EIO, str(exc)) from None
         with self._lock:
             if len(data) <= self._blob_cache_max // 8:
-                self._blob_cache[oid] = data
+                self._blob_cache[key] = data
                 self._blob_cache_bytes += len(data)
                 while self._blob_cache_bytes > self._blob_cache_max:
                     _, old = self._blob_cache.popitem(last=False)
@@ -476,7 +487,7 @@ class GitStore:
         view = self.agent(agent)
         if view is None or name not in view.files:
             return None
-        return self.read_blob(view.files[name])
+        return self.read_blob(view.files[name], agent, name)
 
     # -- writing ----------------------------------------------------------------
     # Objects are serialized and hashed here (git's own formats), kept in memory
@@ -494,6 +505,21 @@ class GitStore:
 
     def _blob(self, data: bytes) -> pygit2.Oid:
         return self._write(ObjectType.BLOB, data)
+
+    def seal(self, agent: str, name: str, data: bytes) -> bytes:
+        """The bytes stored for ``data`` at ``agent/name`` (the codec's; deterministic).
+        The last result is kept: the store hashes a write before applying it."""
+        last = self._last_sealed
+        if last is not None and last[2] is data and last[0] == agent and last[1] == name:
+            return last[3]
+        sealed = self.codec.seal_blob(agent, name, data)
+        if self.codec.encrypted:
+            self._last_sealed = (agent, name, data, sealed)
+        return sealed
+
+    def blob_id(self, agent: str, name: str, data: bytes) -> pygit2.Oid:
+        """The blob id ``data`` gets at ``agent/name`` (compare with a view's file ids)."""
+        return pygit2.hash(self.seal(agent, name, data))
 
     def _entries(self, oid: pygit2.Oid | None) -> "_Tree":
         """A tree, parsed once and cached by id (trees never change)."""
@@ -601,7 +627,8 @@ class GitStore:
             if new_view is None:
                 agent_tree = None
             else:
-                entries = {META_FILE: (int(FileMode.BLOB), self._blob(_encode_meta(new_view.meta)).raw)}
+                meta_blob = self.seal(agent, META_FILE, _encode_meta(new_view.meta))
+                entries = {META_FILE: (int(FileMode.BLOB), self._blob(meta_blob).raw)}
                 for name, oid in new_view.files.items():
                     entries[name] = (int(FileMode.BLOB), oid.raw)
                 agent_tree = self._tree_write(entries)
@@ -636,7 +663,8 @@ class GitStore:
                 fmeta.pop(name, None)
                 changed = True
                 continue
-            oid = self._blob(data) if name not in files or pygit2.hash(data) != files[name] else files[name]
+            stored = self.seal(change.agent, name, data)
+            oid = self._blob(stored) if name not in files or pygit2.hash(stored) != files[name] else files[name]
             prev = fmeta.get(name) or {}
             attrs = change.attrs.get(name, {})
             # Same bytes and metadata: no new version. A rename onto the name with the same

@@ -214,7 +214,7 @@ class HistoryView:
             view = self._view(hexid, agent)
             if name not in view.files:
                 raise FsError(errno.ENOENT, f"{agent}/{name} does not exist at {hexid[:12]}")
-            return self.git.read_blob(view.files[name])
+            return self.git.read_blob(view.files[name], agent, name)
         if key[0] == "hist-rt":
             return self._rt_version(key[1], int(key[2])).data
         raise FsError(errno.EISDIR, "is a directory")

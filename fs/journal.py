@@ -60,8 +60,10 @@ def fsync_dir(path: str) -> None:
 class Journal:
     """Append-only segmented log of encoded Changes."""
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, codec=None):
         self.dir = directory
+        # Seals each payload bound to its sequence number (fs/crypto.py), opens it on read.
+        self.codec = codec
         os.makedirs(directory, exist_ok=True)
         self._fd: int | None = None
         self._path: str | None = None      # the open segment
@@ -105,7 +107,7 @@ class Journal:
                     return
                 expected = rseq + 1
                 if rseq > seq:
-                    yield rseq, payload
+                    yield rseq, (self.codec.open_record(rseq, payload) if self.codec else payload)
                 pos = end
             if pos != len(data) and data.count(0, pos) == len(data) - pos:
                 continue    # the unused, pre-zeroed rest of a segment: a clean end
@@ -204,6 +206,8 @@ class Journal:
         for p in payloads:
             seq = self.next_seq
             self.next_seq += 1
+            if self.codec is not None:
+                p = self.codec.seal_record(seq, p)
             parts.append(_HEAD.pack(_MAGIC, len(p), seq, xxhash.xxh64_intdigest(p)))
             parts.append(p)
             seqs.append(seq)

@@ -606,9 +606,9 @@ class Namespace:
         if s is None:
             fm = view.file_meta(name) or {}
             if fm.get("size", 0) > OFFLOAD_BYTES:
-                data = await trio.to_thread.run_sync(self.git.read_blob, oid)
+                data = await trio.to_thread.run_sync(self.git.read_blob, oid, agent, name)
             else:
-                data = self.git.read_blob(oid)
+                data = self.git.read_blob(oid, agent, name)
             s = self.shared.get(oid)       # re-check: another open may have read it meanwhile
             if s is None:
                 s = self.shared[oid] = _Shared(data)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import pygit2
 
 from . import changes as ch
-from . import mempack
+from . import crypto, mempack
 from .changes import Change
 from .errors import FsError, RepoError
 from .gitstore import GitStore
@@ -82,11 +82,20 @@ class Group:
 class Store:
     """Open (and recover) a repository; commit groups of Changes durably."""
 
-    def __init__(self, repo_dir: str, *, create: bool = True, readonly: bool = False):
+    def __init__(self, repo_dir: str, *, create: bool = True, readonly: bool = False,
+                 key: bytes | None = None):
         self.repo_dir = os.path.abspath(repo_dir)
         self.readonly = readonly
         self.git = GitStore(self.repo_dir, create=create and not readonly)
         self.meta_dir = os.path.join(self.repo_dir, "agentstatefs")
+        # Encryption at rest (fs/crypto.py): refused here, before anything is read or
+        # replayed, when the key does not fit the store.
+        try:
+            self.codec = crypto.codec_for(self.repo_dir, self.git.repo, key, fresh=self._fresh(),
+                                          create=not readonly)
+        except crypto.CryptoError as exc:
+            raise RepoError(str(exc)) from None
+        self.git.codec = self.codec
         self._cp_path = os.path.join(self.meta_dir, "checkpoint")
         self._commit_lock = threading.Lock()
         self._checkpoint_lock = threading.Lock()
@@ -103,7 +112,7 @@ class Store:
             if not os.access(self.repo_dir, os.W_OK) or not os.access(os.path.join(self.repo_dir, "objects"), os.W_OK):
                 raise RepoError(f"repository {self.repo_dir} is not writable (mount with -o ro to serve it read-only)")
             os.makedirs(self.meta_dir, exist_ok=True)
-            self.journal = Journal(os.path.join(self.meta_dir, "journal"))
+            self.journal = Journal(os.path.join(self.meta_dir, "journal"), codec=self.codec)
             self._recover()
         self.history = CommitIndex(self.git.repo, os.path.join(self.meta_dir, "history-index"),
                                    writable=not readonly)
@@ -116,12 +125,23 @@ class Store:
         only when a durable group is published (``GitStore.publish``). The writer's
         GitStore (``self.git``) belongs to the committer thread alone."""
         if self._reader is None:
-            self._reader = GitStore(self.repo_dir, create=False)
+            self._reader = GitStore(self.repo_dir, create=False, codec=self.codec)
             # Objects of a durable group whose pack could not be written yet.
             self._reader.attach_memory(self.git.pending_objects)
             self._reader._head = self.git.head
             self._reader._root = self.git.repo[self.git.head].tree if self.git.head is not None else None
         return self._reader
+
+    def _fresh(self) -> bool:
+        """Nothing stored yet: no commit and no journal record (a key may start encrypting)."""
+        if self.git.head is not None:
+            return False
+        jdir = os.path.join(self.meta_dir, "journal")
+        try:
+            return not any(n.endswith(".log") and os.path.getsize(os.path.join(jdir, n)) > 0
+                           for n in os.listdir(jdir))
+        except FileNotFoundError:
+            return True
 
     # -- checkpoint file ---------------------------------------------------------
     def _read_checkpoint(self) -> dict | None:
@@ -161,7 +181,10 @@ class Store:
         self._remove_stale_git_locks()
         cp = self._cp
         base_seq = cp["seq"] if cp else 0
-        records = list(self.journal.read_after(base_seq))
+        try:
+            records = list(self.journal.read_after(base_seq))
+        except crypto.CryptoError as exc:
+            raise RepoError(f"journal: {exc}; refusing to start (run 'agentstatefs fsck')") from None
         self.journal.next_seq = max(self.journal.next_seq, base_seq + 1)
         if cp is not None:
             base = pygit2.Oid(hex=cp["commit"]) if cp["commit"] else None
@@ -221,12 +244,13 @@ class Store:
                 out["fid"] = view.fid(c.agent, name)
                 return out
             if c.op == ch.RENAME:
-                files = {src: None, dst: self.git.read_blob(view.files[src])}
+                files = {src: None, dst: self.git.read_blob(view.files[src], c.agent, src)}
                 attrs = {dst: carried(src)}
             else:
                 if dst not in view.files:
                     raise FsError(errno.ENOENT, f"{c.agent}/{dst} does not exist")
-                files = {src: self.git.read_blob(view.files[dst]), dst: self.git.read_blob(view.files[src])}
+                files = {src: self.git.read_blob(view.files[dst], c.agent, dst),
+                         dst: self.git.read_blob(view.files[src], c.agent, src)}
                 attrs = {src: carried(dst), dst: carried(src)}
             return Change(c.op, c.agent, c.who, c.time_ns, files=files, attrs=attrs, move=c.move)
         if c.op not in (ch.WRITE, ch.RESTORE) or len(c.files) != 1:
@@ -249,7 +273,7 @@ class Store:
         elif want is not None:
             attrs["fid"] = want
         op, note = c.op, c.note
-        blob = str(pygit2.hash(data))
+        blob = str(self.git.blob_id(c.agent, name, data))
         if name in view.files and str(view.files[name]) == blob:
             fm = view.file_meta(name) or {}
             if all(fm.get(k) == v for k, v in attrs.items() if k not in ("fid", "mtime_ns")):
@@ -265,7 +289,7 @@ class Store:
         """A patch intent applied to the file's content at the writer's head (so at its
         turn in the queue): the WRITE of the result, or None when it changes nothing."""
         (name, patch), = c.files.items()
-        current = self.git.read_blob(view.files[name]) if name in view.files else None
+        current = self.git.read_blob(view.files[name], c.agent, name) if name in view.files else None
         try:
             data, kind = apply_patch(current, patch)
         except FsError as exc:
