@@ -30,14 +30,14 @@ def cmd_fsck(args) -> int:
     return 0 if r.ok else 1
 
 
-def gc_offline(repo: str) -> tuple[int, int, int, int]:
+def gc_offline(repo: str, key: bytes | None = None) -> tuple[int, int, int, int]:
     """Recover (so the checkpointed commit is what ``main`` names), then pack and prune."""
     from ..fs.repolock import RepoLock
     from ..fs.store import Store
     lock = RepoLock(repo)
     lock.acquire("(offline gc)")
     try:
-        Store(repo, create=False).close()
+        Store(repo, create=False, key=key).close()
         loose = fsck.loose_object_count(repo)
         before, after = fsck.gc(repo)
         return before, after, loose, fsck.loose_object_count(repo)
@@ -59,11 +59,11 @@ def cmd_gc(args) -> int:
             before, after = r["bytes_before"], r["bytes_after"]
             loose = None
         else:
-            before, after, loose, loose_after = gc_offline(repo)
+            before, after, loose, loose_after = gc_offline(repo, repository_key(args.keyfile))
     except subprocess.CalledProcessError as exc:
         print(f"agentstatefs: gc failed: {exc.stderr.strip()}", file=sys.stderr)
         return 1
-    except (OSError, FsError, RepoError) as exc:
+    except (OSError, FsError, RepoError, CredentialError) as exc:
         print(f"agentstatefs: gc failed: {getattr(exc, 'reason', exc)}", file=sys.stderr)
         return 1
     where = f" (through the mount at {mp})" if mp else ""
@@ -81,4 +81,6 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_fsck)
     p = sub.add_parser("gc", help="pack every object, drop unreachable ones (pruned history); mounted or not")
     p.add_argument("--repo", default=default_repo)
+    p.add_argument("--keyfile", help="key of an encrypted store, needed unmounted (recovery replays "
+                                     "the journal first)")
     p.set_defaults(func=cmd_gc)

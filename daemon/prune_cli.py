@@ -20,6 +20,7 @@ import time
 
 from ..fs.errors import FsError, RepoError
 from ..fs.prune import Policy
+from .credentials import CredentialError, repository_key
 from .options import DEFAULT_REPO_ROOT, DEFAULT_TENANT
 
 PRUNE_XATTR = "user.agentstatefs.prune"
@@ -102,7 +103,7 @@ def run_online(mp: str, xattr: str, request: dict, what: str) -> dict:
         meter.end()
 
 
-def prune_offline(repo: str, policy: Policy, on_progress=None) -> dict:
+def prune_offline(repo: str, policy: Policy, on_progress=None, key: bytes | None = None) -> dict:
     """Prune an unmounted repository (recovering it first)."""
     import pygit2
 
@@ -112,7 +113,7 @@ def prune_offline(repo: str, policy: Policy, on_progress=None) -> dict:
     lock = RepoLock(repo)
     lock.acquire("(offline prune)")
     try:
-        store = Store(repo, create=False)
+        store = Store(repo, create=False, key=key)
         try:
             old_head, entries = store.prune_snapshot()
             job = PruneJob(pygit2.Repository(repo), policy, on_progress=on_progress)
@@ -139,10 +140,10 @@ def cmd_prune(args) -> int:
         else:
             meter = Meter("prune")
             try:
-                summary = prune_offline(repo, policy, meter)
+                summary = prune_offline(repo, policy, meter, repository_key(args.keyfile))
             finally:
                 meter.end()
-    except (FsError, RepoError) as exc:
+    except (FsError, RepoError, CredentialError) as exc:
         print(f"agentstatefs: prune: {getattr(exc, 'reason', exc)}", file=sys.stderr)
         return 1
     if summary.get("noop"):
@@ -174,4 +175,5 @@ def register(sub) -> None:
     p.add_argument("--keep-last", type=int, metavar="N", help="keep the newest N commits (N >= 1)")
     p.add_argument("--keep-days", type=_days, metavar="D", help="keep commits younger than D days")
     p.add_argument("agent", nargs="?", metavar="ID", help="prune only this agent's history")
+    p.add_argument("--keyfile", help="key of an encrypted store, needed unmounted")
     p.set_defaults(func=cmd_prune)

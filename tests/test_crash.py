@@ -6,6 +6,9 @@ agents (config, memory and runtime), kill -9 the daemon after a random delay, re
   - every version whose close() returned 0 is in git history, at its path;
   - each file's current content is the last acknowledged one or the one in flight;
   - runtime.json is gone everywhere; `git fsck --full` is clean.
+The same storm runs on an encrypted store (AGENTSTATEFS_CRASH_ROUNDS_ENCRYPTED, default
+12 rounds): acknowledged versions are found by their sealed blob ids, and no git object
+or journal file ever holds the plaintext canary.
 """
 
 import json
@@ -20,6 +23,8 @@ import pygit2
 from mounting import Mount
 
 ROUNDS = int(os.environ.get("AGENTSTATEFS_CRASH_ROUNDS", "50"))
+ROUNDS_ENCRYPTED = int(os.environ.get("AGENTSTATEFS_CRASH_ROUNDS_ENCRYPTED", "12"))
+CANARY = "crash-canary-5d1e"
 AGENTS = [f"crash{i:02d}" for i in range(10)]
 FILES = ("config.json", "memory.json")
 
@@ -37,12 +42,38 @@ def history_blobs(m: Mount) -> set[tuple[str, str]]:
 
 def test_kill9_storm(mounts):
     m: Mount = mounts()
-    m.start("checkpoint_interval=0.2")
+    _storm(m, ROUNDS, ("checkpoint_interval=0.2",), lambda agent, name, data: str(pygit2.hash(data)))
+
+
+def test_kill9_storm_encrypted(mounts, tmp_path):
+    from agentstatefs.fs import crypto
+    from test_encryption import keygen, plaintext_places
+    key = keygen(tmp_path / "key")
+    m: Mount = mounts()
+    options = ("checkpoint_interval=0.2", f"keyfile={key}")
+    m.start(*options)
+    cipher = crypto.Cipher(crypto.read_keyfile(str(key)),
+                           bytes.fromhex(crypto.read_record(str(m.repo))["store_id"]))
+    m.stop()
+
+    def sealed_id(agent, name, data):
+        return str(pygit2.hash(cipher.seal_blob(agent, name, data)))
+
+    def no_plaintext(rnd):
+        assert plaintext_places(m.repo, CANARY.encode()) == [], f"round {rnd}"
+
+    _storm(m, ROUNDS_ENCRYPTED, options, sealed_id, after_kill=no_plaintext)
+    m.stop()
+    no_plaintext("end")
+
+
+def _storm(m: Mount, rounds: int, options: tuple, blob_id, after_kill=None) -> None:
+    m.start(*options)
     for a in AGENTS:
         os.mkdir(m / a)
     rng = random.Random(20261125)
     acked_total = 0
-    for rnd in range(ROUNDS):
+    for rnd in range(rounds):
         stop = threading.Event()
         acked: dict[tuple[str, str], list[bytes]] = {}
         inflight: dict[tuple[str, str], bytes] = {}
@@ -50,7 +81,7 @@ def test_kill9_storm(mounts):
         def writer(agent: str, name: str) -> None:
             seq = 0
             while not stop.is_set():
-                data = json.dumps({"a": agent, "f": name, "round": rnd, "seq": seq,
+                data = json.dumps({"a": agent, "f": name, "round": rnd, "seq": seq, "s": CANARY,
                                    "pad": "x" * rng.randint(0, 3000)}).encode()
                 inflight[(agent, name)] = data
                 try:
@@ -72,16 +103,18 @@ def test_kill9_storm(mounts):
         for t in threads:
             t.join(timeout=30)
             assert not t.is_alive(), "a writer hung on a dead mount"
-        m.start("checkpoint_interval=0.2")
+        if after_kill is not None:
+            after_kill(rnd)        # the journal as the crash left it, before replay
+        m.start(*options)
 
         head = m.git("rev-parse", "main").strip()
         committed = history_blobs(m)
         for (agent, name), versions in acked.items():
             path = m.tree_path(agent, name)
             for data in versions:
-                assert (path, str(pygit2.hash(data))) in committed, \
+                assert (path, blob_id(agent, name, data)) in committed, \
                     (f"round {rnd}: acknowledged {agent}/{name} seq {json.loads(data)['seq']} "
-                     f"(blob {pygit2.hash(data)}) not in history of {head} "
+                     f"(blob {blob_id(agent, name, data)}) not in history of {head} "
                      f"({m.commit_count()} commits now, main now {m.git('rev-parse', 'main').strip()})")
             current = (m / agent / name).read_bytes()
             assert current in (versions[-1], inflight.get((agent, name))), f"round {rnd}: {agent}/{name}"
@@ -91,5 +124,5 @@ def test_kill9_storm(mounts):
         fsck = subprocess.run(["git", "-C", str(m.repo), "fsck", "--full", "--no-dangling"],
                               capture_output=True, text=True)
         assert fsck.returncode == 0 and not fsck.stdout.strip(), f"round {rnd}: {fsck.stdout}{fsck.stderr}"
-    assert acked_total > ROUNDS  # the storm really wrote
-    print(f"{ROUNDS} crash rounds, {acked_total} acknowledged versions checked")
+    assert acked_total > rounds  # the storm really wrote
+    print(f"{rounds} crash rounds, {acked_total} acknowledged versions checked")
