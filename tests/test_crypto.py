@@ -14,6 +14,7 @@ import pytest
 from agentstatefs.fs import changes as ch
 from agentstatefs.fs import crypto
 from agentstatefs.fs.errors import FsError, RepoError
+from agentstatefs.fs.layout import agent_path
 from agentstatefs.fs.store import Store
 
 WHO = ch.Who(0, 0, 1, "test")
@@ -89,8 +90,12 @@ def test_store_encrypts_blobs_and_journal_and_refuses_wrong_keys(tmp_path):
     assert write(s, "a1", "config.json", v1) is None        # unchanged: no commit
     c2 = write(s, "a1", "config.json", b'{"v": 2}')
     assert isinstance(c2, pygit2.Oid)
-    write(s, "a1", "config.json", v1)                        # equal to a past version
-    assert s.history.entries[-1].op == ch.RESTORE
+    # a copy of a past version (the namespace names its blob id in ``sources``): a restore
+    blob = str(s.git.blob_id("a1", "config.json", v1))
+    assert blob == str(s.git.repo[c1].tree[agent_path("a1") + "/config.json"].id)
+    r = s.commit_batch([ch.Change(ch.WRITE, "a1", WHO, time.time_ns(), files={"config.json": v1},
+                                  sources={blob: str(c1)})])[0]
+    assert isinstance(r, pygit2.Oid) and s.history.entries[-1].op == ch.RESTORE
     assert s.git.read_file("a1", "config.json") == v1
     # the journal holds sealed records only
     jdir = os.path.join(repo, "agentstatefs", "journal")

@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import shutil
 import subprocess
 import zlib
 from pathlib import Path
@@ -93,11 +94,15 @@ def test_no_canary_plaintext_anywhere_on_disk(mounts, tmp_path):
     v = int(os.getxattr(m / "a2/memory.json", "user.agentstatefs.version"))
     os.setxattr(m / "a2/cas", "user.agentstatefs.if-version", str(v).encode())
     os.rename(m / "a2/cas", m / "a2/memory.json")
-    # writing an old version again is a restore (blob ids still dedup when sealed)
-    (m / "a2/config.json").write_text(json.dumps({"k": CANARY + "-a2"}))
+    # a copy out of @history is a restore (the sealed blob ids match), content unchanged
+    # makes no commit
     (m / "a2/config.json").write_text(json.dumps({"k": CANARY + "-a2", "x": 1}))
-    (m / "a2/config.json").write_text(json.dumps({"k": CANARY + "-a2"}))
+    n = m.commit_count()
+    (m / "a2/config.json").write_text(json.dumps({"k": CANARY + "-a2", "x": 1}))
+    assert m.commit_count() == n
+    shutil.copyfile(m / "a2/@history/HEAD~1/config.json", m / "a2/config.json")
     assert m.git("log", "-1", "--format=%s", "main").startswith("restore a2/config.json from ")
+    assert json.loads((m / "a2/config.json").read_text()) == {"k": CANARY + "-a2"}
     # nothing readable while mounted (journal records + packs), and after a kill -9
     m.git_settled()
     jdir = m.repo / "agentstatefs" / "journal"
@@ -304,7 +309,7 @@ def test_encrypt_an_existing_store_into_a_new_one(mounts, tmp_path):
     sh("mkdir a1 a2", cwd=p.mp)
     for v in (1, 2, 3):
         (p / "a1/config.json").write_text(json.dumps({"v": v, "s": CANARY}))
-    (p / "a1/config.json").write_text(json.dumps({"v": 1, "s": CANARY}))     # a restore
+    cli("restore", "--repo", str(p.repo), "a1", "config.json", "HEAD~2")    # v1, a restore
     (p / "a2/memory.json").write_text(json.dumps({"m": CANARY}))
     os.chmod(p / "a2/memory.json", 0o600)
     commits = p.commit_count()
