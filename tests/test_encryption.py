@@ -337,3 +337,39 @@ def test_encrypt_an_existing_store_into_a_new_one(mounts, tmp_path):
     assert r.returncode == 1 and "not empty" in r.stderr
     r = cli("encrypt", "--repo", str(new), "--keyfile", str(key), str(tmp_path / "x"), check=False)
     assert r.returncode == 1 and "encrypted already" in r.stderr
+
+
+def test_replica_of_an_encrypted_store(mounts, tmp_path):
+    """Replication pushes sealed objects only; a replica needs the writer's record
+    (agentstatefs/encryption.json, no secret in it) and the key."""
+    import time
+    key = keygen(tmp_path / "k")
+    bare = tmp_path / "remote.git"
+    subprocess.run(["git", "init", "-q", "--bare", str(bare)], check=True)
+    url = f"file://{bare}"
+    w: Mount = mounts("w")
+    w.start(f"keyfile={key}", f"replicate={url},replicate_interval=0.2")
+    (w / "a1").mkdir()
+    (w / "a1/config.json").write_text(json.dumps({"s": CANARY}))
+    w.git_settled()
+    head = os.getxattr(w.mp, "user.agentstatefs.git-head").decode()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        r = subprocess.run(["git", "ls-remote", url, "refs/heads/main"], capture_output=True, text=True)
+        if r.stdout.split()[:1] == [head]:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the push did not arrive")
+    assert plaintext_places(bare, CANARY.encode()) == []
+    r: Mount = mounts("r")
+    refused = subprocess.run(CLI + ["mount", "--repo", str(r.repo), str(r.mp), "--replica", url,
+                                    "-o", f"keyfile={key}"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "unencrypted state" in refused.stderr
+    (r.repo / "agentstatefs").mkdir(exist_ok=True)
+    shutil.copyfile(w.repo / "agentstatefs" / crypto.RECORD_NAME, r.repo / "agentstatefs" / crypto.RECORD_NAME)
+    refused = subprocess.run(CLI + ["mount", "--repo", str(r.repo), str(r.mp), "--replica", url],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "is encrypted" in refused.stderr
+    r.start(f"keyfile={key}", "replica_interval=0.2", extra=("--replica", url))
+    assert json.loads((r / "a1/config.json").read_text()) == {"s": CANARY}

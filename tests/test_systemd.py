@@ -241,8 +241,9 @@ def test_two_tenants_under_real_systemd(sd):
     mp = {t: shared / t for t in ("alpha", "beta")}
     (tmp / "etc/alpha.conf").write_text(f"MOUNTPOINT={mp['alpha']}\nOPTIONS=history=visible\n")
     (tmp / "etc/beta.conf").write_text(f"MOUNTPOINT={mp['beta']}\nOPTIONS=allow_other\nDAEMON_ARGS=\n")
-    # alpha gets a secret as a credential, the way the encryption key will arrive.
-    (tmp / "alpha.key").write_bytes(b"0123456789abcdef")
+    # alpha gets its encryption key as a credential (64 random bytes, as hex).
+    alpha_key = os.urandom(64).hex()
+    (tmp / "alpha.key").write_text(alpha_key + "\n")
     os.chmod(tmp / "alpha.key", 0o600)
     dropin = tmp / "units/agentstatefs@alpha.service.d"
     dropin.mkdir()
@@ -276,8 +277,8 @@ def test_two_tenants_under_real_systemd(sd):
     cred_dir = env["CREDENTIALS_DIRECTORY"]
     # (read through the daemon's own view of the file system: /proc/PID/root)
     r = ns.run("cat", f"{cred_dir}/key", check=False)
-    assert Path(f"/proc/{pids['alpha']}/root{cred_dir}/key").read_text() == "0123456789abcdef", r.stderr
-    assert "0123456789abcdef" not in Path(f"/proc/{pids['alpha']}/environ").read_text()
+    assert Path(f"/proc/{pids['alpha']}/root{cred_dir}/key").read_text() == alpha_key + "\n", r.stderr
+    assert alpha_key not in Path(f"/proc/{pids['alpha']}/environ").read_text()
     assert "CREDENTIALS_DIRECTORY=" not in Path(f"/proc/{pids['beta']}/environ").read_text()
 
     # -- write through both mounts from the host -------------------------------------------
@@ -333,6 +334,11 @@ def test_two_tenants_under_real_systemd(sd):
         assert not [x for x in show.split() if f"agent-{'beta' if t == 'alpha' else 'alpha'}" in x]
         fsck = subprocess.run(["git", "-C", str(repo), "fsck", "--full"], capture_output=True, text=True)
         assert fsck.returncode == 0, fsck.stderr
+        # alpha (with the credential 'key') is encrypted at rest, beta is not
+        objects = subprocess.run(["git", "-C", str(repo), "cat-file", "--batch-all-objects", "--batch"],
+                                 capture_output=True, check=True).stdout
+        assert (f'"tenant": "{t}"'.encode() in objects) == (t == "beta")
+    assert (tmp / "var-lib/agentstatefs/alpha/agentstatefs/encryption.json").exists()
     stop_log = ns.run("journalctl", "--no-pager", "-o", "cat", "-u", units[1]).stdout
     assert "received SIGTERM" in stop_log and "unmounted" in stop_log, stop_log
 
