@@ -211,8 +211,7 @@ def test_plaintext_or_moved_blob_is_refused_not_served(mounts, tmp_path):
         assert e.value.errno == errno.EIO
     assert "plaintext blob in an encrypted store, refused" in m.log()
     assert "does not decrypt here" in m.log()
-    # the daemon keeps serving the rest; a new file moved over the bad one replaces it
-    # (an open for writing reads the current version first, so it fails with EIO too)
+    # the daemon keeps serving the rest; a new version replaces the bad one
     assert json.loads((m / "a2/config.json").read_text()) == {"a2": "config"}
     (m / "a1/tmp").write_text('{"fixed": 1}')
     os.rename(m / "a1/tmp", m / "a1/config.json")
