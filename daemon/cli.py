@@ -189,6 +189,7 @@ VERB_MODULES: list[str] = [
     "prune_cli",
     "put_cli",
     "crypto_cli",
+    "status_cli",
 ]
 
 

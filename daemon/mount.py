@@ -28,6 +28,8 @@ from .credentials import CredentialError, repository_key
 from .operations import AgentFS
 from .options import MountOptions
 from ..fs.statemgr import StateManager
+from ..fs.metrics import metrics
+from prometheus_client import start_http_server
 
 log = logging.getLogger("agentstatefs")
 
@@ -189,6 +191,7 @@ async def _serve(ops: AgentFS, sm: StateManager, mountpoint: str, on_ready, noti
         # pack_every says (0 only turns off the commit-count trigger).
         nursery.start_soon(sm.run_packer, ops.opts.pack_every or None, 5.0)
         nursery.start_soon(_watch_signals, sm)
+        nursery.start_soon(ops.ns.monitor.run)   # warnings, repository size (fs/monitor.py)
         if notifier is not None:  # systemd: READY=1 once the mount answers, watchdog, STATUS
             nursery.start_soon(notifier)
         nursery.start_soon(_ready_when_answering, mountpoint, on_ready)
@@ -330,6 +333,18 @@ def run(repo: str, mountpoint: str, options: MountOptions, *, foreground: bool,
         follower = ReplicaFollower(store, options.replica, options.replica_interval, lambda g: sm.on_publish(g))
         sm.replication = follower.stats
         sm.background.append(follower.run)
+    metrics.slow_commit_s = options.slow_commit_ms / 1000
+    metrics.slow_fsync_s = options.slow_fsync_ms / 1000
+    http = None
+    if options.metrics_listen is not None:
+        host, port = options.metrics_listen
+        try:
+            http = start_http_server(port, addr=host, registry=metrics.registry)
+        except OSError as exc:
+            store.close()
+            lock.release()
+            return fail(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc} (-o metrics_listen)")
+        log.info("serving metrics at http://%s:%d/metrics", host if ":" not in host else f"[{host}]", port)
     try:
         init_fuse(ops, mountpoint, options.fuse_options(repo))
     except MountError as exc:
@@ -363,5 +378,10 @@ def run(repo: str, mountpoint: str, options: MountOptions, *, foreground: bool,
         if not clean:
             subprocess.run(["fusermount3", "-uz", mountpoint], capture_output=True)
         lock.release()
+        if http is not None:
+            try:
+                http[0].shutdown()
+            except Exception:
+                pass
         log.info("unmounted %s; exiting", mountpoint)
     return 0

@@ -12,11 +12,13 @@ import errno
 import functools
 import logging
 import os
+from time import perf_counter
 
 import pyfuse3
 
 from ..fs.changes import Who
 from ..fs.errors import FsError
+from ..fs.metrics import metrics
 from ..fs.namespace import Attr, Caller, Kernel, Namespace
 from ..fs.names import decode_name
 
@@ -35,18 +37,33 @@ def _ctx_text(args) -> str:
     return ""
 
 
-def handler(fn):
-    """Turn FsError into its errno and any other exception into EIO, logging once."""
+def handler(fn=None, *, timed: bool = True):
+    """Turn FsError into its errno and any other exception into EIO, logging once;
+    time the request into its op's latency histogram (``timed=False``: the handler
+    times itself) and count errors by op and errno (fs/metrics.py)."""
+    if fn is None:
+        return functools.partial(handler, timed=timed)
     op = fn.__name__
+    timer = metrics.op_timer(op) if timed else None
+    errors: dict = {}
+
+    def count_error(e: int) -> None:
+        c = errors.get(e)
+        if c is None:
+            c = errors[e] = metrics.op_errors.labels(op, errno.errorcode.get(e, str(e)))
+        c.inc()
 
     @functools.wraps(fn)
     async def wrapper(self, *args):
         self.sm.in_flight += 1
+        t0 = perf_counter()
         try:
             return await fn(self, *args)
-        except pyfuse3.FUSEError:
+        except pyfuse3.FUSEError as exc:
+            count_error(exc.errno)
             raise
         except FsError as exc:
+            count_error(exc.errno)
             if op == "flush" or op == "fsync":
                 # A refused close is logged once, at release, with the final reason.
                 log.debug("%s: %s", op, exc.reason)
@@ -54,15 +71,23 @@ def handler(fn):
                 log.warning("%s: %s%s", op, exc.reason, _ctx_text(args))
             raise pyfuse3.FUSEError(exc.errno) from None
         except OSError as exc:
+            count_error(exc.errno or errno.EIO)
             log.warning("%s: %s%s", op, exc, _ctx_text(args))
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
         except Exception:
+            count_error(errno.EIO)
             log.exception("%s: internal error%s; returning EIO", op, _ctx_text(args))
             raise pyfuse3.FUSEError(errno.EIO) from None
         finally:
             self.sm.in_flight -= 1
+            if timer is not None:
+                timer.observe(perf_counter() - t0)
 
     return wrapper
+
+
+_READ = metrics.op_timer("read")
+_EVENTS_READ = metrics.op_timer("read_events")   # blocking @events reads, kept apart from file reads
 
 
 def _caller(ctx) -> Caller:
@@ -217,7 +242,7 @@ class AgentFS(pyfuse3.Operations):
     # -- files ---------------------------------------------------------------------------
     @staticmethod
     def _file_info(h) -> pyfuse3.FileInfo:
-        if h.kind in ("state", "runtime", "rejected", "patch"):
+        if h.kind in ("state", "runtime", "rejected", "patch", "report"):
             return pyfuse3.FileInfo(fh=h.fh, direct_io=True, keep_cache=False)
         if h.kind == "events":
             return pyfuse3.FileInfo(fh=h.fh, direct_io=True, keep_cache=False, nonseekable=True)
@@ -241,9 +266,14 @@ class AgentFS(pyfuse3.Operations):
         await self.ns.release(h.fh)
         return _entry(attr)
 
-    @handler
+    @handler(timed=False)
     async def read(self, fh, off, size):
-        return await self.ns.read(fh, off, size)
+        t0 = perf_counter()
+        try:
+            return await self.ns.read(fh, off, size)
+        finally:
+            h = self.ns.handles.get(fh)
+            (_EVENTS_READ if h is not None and h.kind == "events" else _READ).observe(perf_counter() - t0)
 
     @handler
     async def write(self, fh, off, buf):

@@ -39,6 +39,16 @@ mount options (-o opt[,opt...], may be repeated):
                         credential 'key' is used if the service has one. A new store is
                         encrypted from its first write; an existing one must already be
                         (see 'agentstatefs encrypt'); a wrong or missing key refuses the mount
+  metrics_listen=HOST:PORT  also serve M/@metrics over HTTP for Prometheus at
+                        http://HOST:PORT/metrics (default: no listener; e.g. 127.0.0.1:9464,
+                        [::1]:9464; a port already taken makes the mount fail)
+  stats_interval=SECONDS  how often the repository size on disk is measured, in the
+                        background (default 60, 1 to 86400)
+  slow_commit_ms=MS     log a warning when a commit group takes longer (default 1000;
+                        0 = every group, for debugging; warnings are rate-limited)
+  slow_fsync_ms=MS      log a warning when a journal fdatasync takes longer (default 500)
+  replication_lag_warn=SECONDS  log a warning when replication is further behind
+                        (default 300)
 SIZE is a number of bytes with an optional K, M or G suffix (powers of 1024), e.g. 512K, 16M.
 """
 
@@ -71,9 +81,13 @@ RANGES: dict[str, tuple] = {
     "pack_every": (0, None),
     "replicate_interval": (0.05, 86400.0),
     "replica_interval": (0.05, 86400.0),
+    "stats_interval": (1.0, 86400.0),
+    "slow_commit_ms": (0, 3_600_000),
+    "slow_fsync_ms": (0, 3_600_000),
+    "replication_lag_warn": (1.0, 10_000_000.0),
 }
 _SIZES = ("max_size", "buffer_max", "scratch_max")
-_INTS = ("runtime_versions", "history_max", "pack_every")
+_INTS = ("runtime_versions", "history_max", "pack_every", "slow_commit_ms", "slow_fsync_ms")
 
 
 def _in_range(key: str, value, show=str, unit: str = ""):
@@ -106,6 +120,18 @@ def parse_number(key: str, text: str):
     return _in_range(key, value, lambda x: f"{x:g}", " seconds")
 
 
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6addr]:PORT`` for IPv6) -> (host, port)."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host or not re.fullmatch(r"\d{1,5}", port, re.A) or not 1 <= int(port) <= 65535:
+        raise ValueError("must be HOST:PORT with a port from 1 to 65535, e.g. 127.0.0.1:9464")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not re.fullmatch(r"[A-Za-z0-9.:_-]{1,253}", host, re.A):
+        raise ValueError(f"bad host {host[:60]!r}")
+    return host, int(port)
+
+
 @dataclass
 class MountOptions:
     allow_other: bool = False
@@ -124,6 +150,11 @@ class MountOptions:
     replica_interval: float = 5.0
     replica: str = ""            # set by mount --replica URL (not a -o option)
     keyfile: str = ""
+    metrics_listen: tuple[str, int] | None = None
+    stats_interval: float = 60.0
+    slow_commit_ms: int = 1000
+    slow_fsync_ms: int = 500
+    replication_lag_warn: float = 300.0
 
     @classmethod
     def parse(cls, groups: list[str] | None) -> "MountOptions":
@@ -156,6 +187,8 @@ class MountOptions:
                         if value not in ("hidden", "visible"):
                             raise ValueError("history must be hidden or visible")
                         o.history_visible = value == "visible"
+                    elif key == "metrics_listen":
+                        o.metrics_listen = parse_listen(value)
                     elif key in RANGES:
                         setattr(o, key, parse_number(key, value))
                     else:

@@ -172,6 +172,10 @@ class GitStore:
         self._agents_delta: dict = {}
         self._sorted: list[str] | None = None   # sorted(_agents), handed out read-only
         self._sorted_shared = False             # handed out: copy before changing it
+        # Cache hit counters, read by the metrics (plain ints: no cost worth a lock).
+        self.agent_hits = self.agent_misses = 0
+        self.blob_hits = self.blob_misses = 0
+        self.tree_hits = self.tree_misses = 0
         self.pending_objects: dict = {}
         self._ref_fd: int | None = None
         self.group_objects: list = []    # objects first written by the current group
@@ -362,9 +366,11 @@ class GitStore:
         with self._lock:
             if agent in self._agent_cache:
                 self._agent_cache.move_to_end(agent)
+                self.agent_hits += 1
                 return self._agent_cache[agent]
             if self._agents is not None and agent not in self._agents:
                 return None
+            self.agent_misses += 1
             view = self.load_agent(self._root, agent)
             self._cache_agent(agent, view)
             return view
@@ -468,7 +474,9 @@ class GitStore:
             data = self._blob_cache.get(key)
             if data is not None:
                 self._blob_cache.move_to_end(key)
+                self.blob_hits += 1
                 return data
+            self.blob_misses += 1
         try:
             data = self.codec.open_blob(agent, name, self.repo[oid].data)
         except crypto.CryptoError as exc:
@@ -528,7 +536,9 @@ class GitStore:
         cached = self._tree_cache.get(oid)
         if cached is not None:
             self._tree_cache.move_to_end(oid)
+            self.tree_hits += 1
             return cached
+        self.tree_misses += 1
         tree = _Tree.build({e.name: (int(e.filemode), e.id.raw) for e in self.repo[oid]})
         self._cache_tree(oid, tree)
         return tree

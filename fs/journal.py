@@ -36,8 +36,11 @@ import errno
 import logging
 import os
 import struct
+import time
 
 import xxhash
+
+from .metrics import metrics
 
 log = logging.getLogger(__name__)
 
@@ -244,11 +247,13 @@ class Journal:
         if self._fd is None:
             return
         end = self._end
+        t0 = time.perf_counter()
         try:
             os.fdatasync(self._fd)
         except OSError as exc:
             self._discard_unsynced(exc, end)
             raise
+        metrics.note_fsync(time.perf_counter() - t0)
         self._synced_end = end
         self._unsynced_seq = None
 

@@ -104,7 +104,7 @@ class _SourcesCollector:
         return []
 
     def collect(self):
-        for fn in list(self.owner.sources):
+        for fn in list(self.owner.sources.values()):
             try:
                 yield from fn()
             except Exception:   # a broken source must not break the whole page
@@ -143,7 +143,7 @@ class Metrics:
         self.registry = r = CollectorRegistry(auto_describe=False)
         self.started = time.time()
         self.op_timers: dict[str, OpTimer] = {}
-        self.sources: list = []
+        self.sources: dict = {}     # name -> callable yielding metric families at collection
         r.register(_OpsCollector(self))
         r.register(_SourcesCollector(self))
         # -- requests
@@ -180,10 +180,8 @@ class Metrics:
         # -- repository (computed in the background, see RepoSizer)
         self.repo_size = Gauge(PREFIX + "repo_size_bytes", "Bytes of the repository directory on disk",
                                registry=r)
-        self.repo_commits = Gauge(PREFIX + "repo_commits", "Commits reachable from main", registry=r)
-        self.repo_agents = Gauge(PREFIX + "agents", "Agents at the head", registry=r)
         self.repo_scanned = Gauge(PREFIX + "repo_scan_timestamp_seconds",
-                                  "Unix time the repository size, commits and agents were last computed",
+                                  "Unix time the repository size was last measured",
                                   registry=r)
         self.start_time = Gauge(PREFIX + "start_time_seconds", "Unix time the daemon started", registry=r)
         self.start_time.set(self.started)

@@ -42,6 +42,8 @@ from .inodes import ROOT, InodeTable
 from .names import (DURABLE_FILES, HISTORY_DIR, RUNTIME_FILE, check_agent_id, is_durable,
                     is_reserved, is_state)
 from .events import EventHub
+from .metrics import metrics
+from .monitor import Monitor
 from .patch import apply_patch
 from .rejected import LAST_ERROR, REJECTED_DIR, Rejections
 from .runtime import RuntimeLayer
@@ -69,6 +71,9 @@ PRUNE_XATTR = "user.agentstatefs.prune"         # set on the root: start a prune
 GC_XATTR = "user.agentstatefs.gc"               # set on the root: start a gc
 MAINTENANCE_XATTR = "user.agentstatefs.maintenance"   # the running/last prune or gc (JSON)
 REPLICATION_XATTR = "user.agentstatefs.replication"   # replicate=/--replica: lag, errors (JSON)
+STATS_FILE = "@stats"                           # M/@stats: metrics as JSON (fs/monitor.py)
+METRICS_FILE = "@metrics"                       # M/@metrics: Prometheus text exposition
+REPORT_FILES = (STATS_FILE, METRICS_FILE)
 
 
 def parse_if_version(value: bytes) -> int:
@@ -164,6 +169,8 @@ class Namespace:
         self.scratch = ScratchSpace(options.scratch_max)
         self.rejected = Rejections(self.scratch, options.max_size)
         self.events = EventHub()
+        self.monitor = Monitor(self, scan_interval=getattr(options, "stats_interval", 60.0),
+                               replication_lag_warn=getattr(options, "replication_lag_warn", 300.0))
         self.buffer_max = getattr(options, "buffer_max", 256 << 20)
         self.buffer_bytes = 0
         self.agent_scratch: dict[str, ScratchNode] = {}
@@ -371,6 +378,10 @@ class Namespace:
             return Attr(ROOT, stat.S_IFDIR | 0o755, 2, self.uid, self.gid, 0, self.mount_ns)
         if kind == "events":
             return Attr(ino, stat.S_IFREG | 0o444, 1, self.uid, self.gid, 0, self.mount_ns)
+        if kind == "report":
+            # The size of the newest snapshot (each open generates its own; direct_io).
+            return Attr(ino, stat.S_IFREG | 0o444, 1, self.uid, self.gid, self.monitor.report_size(key[1]),
+                        time.time_ns(), timeout=0)
         if kind == "agent":
             m = self._agent_view(key[1]).meta
             mtime = max([f.get("mtime_ns", 0) for f in m.get("files", {}).values()] + [m.get("created_ns", 0)])
@@ -445,6 +456,8 @@ class Namespace:
             return self.inodes.stable(("hist-root", key[1] if kind == "agent" else "")), None
         if kind == "root" and name == EVENTS_FILE:
             return self.inodes.stable(("events",)), None
+        if kind == "root" and name in REPORT_FILES:
+            return self.inodes.stable(("report", name)), None
         if kind == "root":
             if is_reserved(name) or self.git.agent(name) is None:
                 raise FsError(errno.ENOENT, f"agent {name} does not exist")
@@ -581,6 +594,7 @@ class Namespace:
     def _rejected_final(self, agent: str, name: str, e) -> None:
         """A refusal that stands: on the change stream."""
         if e is not None:
+            metrics.refused_writes.labels(errno=errno.errorcode.get(e.errno, str(e.errno))).inc()
             self.events.emit("rejected", agent, name, time_ns=e.time_ns, uid=e.who.uid, pid=e.who.pid,
                              reason=e.reason, errno=errno.errorcode.get(e.errno, str(e.errno)))
 
@@ -693,6 +707,10 @@ class Namespace:
         if kind == "events":
             if size is not None or mode is not None or uid is not None or gid is not None:
                 raise FsError(errno.EPERM, f"{EVENTS_FILE} is the change stream")
+            return self._attr(ino)
+        if kind == "report":
+            if size is not None or mode is not None or uid is not None or gid is not None:
+                raise FsError(errno.EPERM, f"{key[1]} is read-only")
             return self._attr(ino)
         if kind in ("patch-dir", "patch"):
             if mode is not None or uid is not None or gid is not None:
@@ -1046,6 +1064,13 @@ class Namespace:
             h = Handle(fh, ino, "events", flags=flags, node=self.events.subscribe(bool(flags & os.O_NONBLOCK)))
             self._add_handle(h)
             return h
+        if key[0] == "report":
+            if writable or flags & os.O_TRUNC:
+                raise FsError(errno.EACCES, f"{key[1]} is read-only")
+            # One snapshot per open: every read of this descriptor sees the same numbers.
+            h = Handle(fh, ino, "report", name=key[1], flags=flags, snapshot=self.monitor.report(key[1]))
+            self._add_handle(h)
+            return h
         if key[0] == "patch":
             if flags & os.O_ACCMODE != os.O_WRONLY:
                 raise FsError(errno.EACCES, f"{key[1]}/{PATCH_DIR}/{key[2]} is write-only (open it with O_WRONLY)")
@@ -1191,7 +1216,7 @@ class Namespace:
             if h.append:
                 off = h.node.size
             return self.scratch.write(h.node, off, buf)
-        if h.kind in ("history", "rejected", "events"):
+        if h.kind in ("history", "rejected", "events", "report"):
             raise FsError(errno.EBADF, "read-only file")
         data = self._ensure_buffer(h)
         if h.append:
@@ -1212,7 +1237,7 @@ class Namespace:
         (a later flush of a dup'ed descriptor may succeed); writes that arrive while
         the commit is in flight are committed by the next round of the loop."""
         h = self.handles.get(fh)
-        if h is None or h.kind in ("scratch", "history", "rejected", "events"):
+        if h is None or h.kind in ("scratch", "history", "rejected", "events", "report"):
             return
         if h.kind == "patch":
             await self._flush_patch(h)
@@ -1322,7 +1347,7 @@ class Namespace:
             return
         if h.blob is not None:
             self._unshare(h.blob)
-        if h.kind in ("history", "rejected"):
+        if h.kind in ("history", "rejected", "report"):
             return
         if h.dirty and not h.orphan:
             reason = h.last_error.reason if h.last_error else "closed without a successful flush"
@@ -1356,6 +1381,8 @@ class Namespace:
             raise FsError(errno.EPERM, f"{PATCH_DIR} is part of every agent")
         if where == "root" and name == EVENTS_FILE:
             raise FsError(errno.EPERM, f"{EVENTS_FILE} is the change stream")
+        if where == "root" and name in REPORT_FILES:
+            raise FsError(errno.EPERM, f"{name} is read-only")
         if where == "root":
             raise FsError(errno.EISDIR if self.git.agent(name) is not None else errno.ENOENT,
                           f"{name} is an agent directory (use rmdir / rm -r)")
@@ -1610,6 +1637,7 @@ class Namespace:
         (it trails the head by about a millisecond after each group: equal when idle)."""
         head, flushed = self.git.head, self.store.flushed_head
         return {"user.agentstatefs.pid": str(os.getpid()).encode(),
+                "user.agentstatefs.repo": os.fsencode(self.store.repo_dir),
                 "user.agentstatefs.head": str(head or "").encode(),
                 "user.agentstatefs.git-head": str(flushed or "").encode(),
                 MAINTENANCE_XATTR: json.dumps(self.sm.maintenance.status()).encode(),

@@ -35,6 +35,7 @@ class RuntimeLayer:
     def __init__(self, keep: int = 10):
         self.keep = max(1, keep)
         self._files: dict[str, RuntimeFile] = {}
+        self.bytes = 0     # every kept version's bytes (kept as a running total for the metrics)
 
     def get(self, agent: str) -> RuntimeFile | None:
         return self._files.get(agent)
@@ -49,11 +50,18 @@ class RuntimeLayer:
             return None
         rf.counter += 1
         v = RuntimeVersion(rf.counter, bytes(data), time_ns, who)
+        if len(rf.versions) == rf.versions.maxlen:
+            self.bytes -= len(rf.versions[0].data)
         rf.versions.append(v)
+        self.bytes += len(v.data)
         return v
 
     def remove(self, agent: str) -> bool:
-        return self._files.pop(agent, None) is not None
+        rf = self._files.pop(agent, None)
+        if rf is None:
+            return False
+        self.bytes -= sum(len(v.data) for v in rf.versions)
+        return True
 
     def total_bytes(self) -> int:
         return sum(len(v.data) for rf in self._files.values() for v in rf.versions)

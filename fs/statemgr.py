@@ -95,6 +95,7 @@ class StateManager:
                     self.store.commit_group, [s.change for s in batch], False)
             except Exception:
                 log.exception("commit of a group of %d change(s) failed", len(batch))
+                metrics.commit_failures.inc()
                 group = Group([FsError(errno.EIO, "internal error while committing")] * len(batch),
                               None, {})
             results = group.results
@@ -107,6 +108,7 @@ class StateManager:
             self.commit_latency_ns.append(dt)
             if len(self.commit_latency_ns) > 4096:
                 del self.commit_latency_ns[:2048]
+            metrics.note_commit(dt / 1e9, len(batch), len(group.made))
             for slot, result in zip(batch, results):
                 slot.result = result
                 slot.done.set()
@@ -180,6 +182,7 @@ class StateManager:
             else:
                 log.info("combined %d packs in %.2f s", packs, time.monotonic() - t0)
                 self.packs += 1
+                metrics.repacks.inc()
                 try:
                     # Let go of the packs git deleted (libgit2 keeps them open otherwise).
                     await trio.to_thread.run_sync(self.store.reopen_writer)

@@ -30,6 +30,7 @@ from .errors import FsError, RepoError
 from .gitstore import GitStore
 from .history import CommitIndex
 from .journal import Journal, fsync_dir
+from .metrics import metrics
 from .patch import apply_patch
 from .validate import check_json, check_size
 
@@ -102,6 +103,7 @@ class Store:
         self.commits = 0
         self.groups = 0
         self.last_checkpoint = time.monotonic()
+        self.last_checkpoint_wall = 0.0   # Unix time of the last checkpoint (0: none yet)
         self.journal: Journal | None = None
         self.flushed_head = None     # what refs/heads/main on disk names
         self._serial = 0             # counts head moves; the ref only ever moves forward
@@ -397,6 +399,7 @@ class Store:
                 # Nothing of this group is durable, and the journal guarantees it never
                 # will be: forget it entirely. The ref on disk was not moved.
                 log.error("journal write failed (%s); group of %d change(s) refused", exc, len(payloads))
+                metrics.commit_failures.inc()
                 self.git.rewind(head0, views)
                 for oid in self.git.group_objects:
                     self.git.pending_objects.pop(oid, None)
@@ -442,6 +445,9 @@ class Store:
             self._write_checkpoint(head, seq)
             self.journal.drop_through(seq)
             self.last_checkpoint = time.monotonic()
+            self.last_checkpoint_wall = time.time()
+            metrics.checkpoints.inc()
+            metrics.last_checkpoint.set(self.last_checkpoint_wall)
             try:
                 self.journal.prepare_spare()   # the next segment, pre-zeroed (journal.py)
             except OSError as exc:

@@ -30,7 +30,7 @@ def test_text_parses_and_counts():
     m.denials.labels(op="open").inc()
     m.refused_writes.labels(errno="EINVAL").inc(2)
     m.replication_lag_seconds.set(7.5)
-    m.sources.append(lambda: [gauge("scratch_bytes", "scratch", 123)])
+    m.sources["t"] = lambda: [gauge("scratch_bytes", "scratch", 123)]
     fams = families(m)
     assert sample(fams, "agentstatefs_commits", "agentstatefs_commits_total") == 4
     assert sample(fams, "agentstatefs_commit_group_size", "agentstatefs_commit_group_size_count") == 2
@@ -62,7 +62,7 @@ def test_broken_source_does_not_break_the_page():
     def broken():
         raise RuntimeError("boom")
         yield
-    m.sources.append(broken)
+    m.sources["broken"] = broken
     m.commits.inc()
     assert sample(families(m), "agentstatefs_commits", "agentstatefs_commits_total") == 1
 

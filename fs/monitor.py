@@ -1,0 +1,165 @@
+"""Watching a running mount: what ``M/@stats`` and ``M/@metrics`` show beyond the
+counters, and the warnings an operator should see in the log.
+
+- ``collect`` (a metrics source, see fs/metrics.py) reads values the namespace already
+  keeps (scratch and runtime bytes, write buffers, open handles, cache hit counts,
+  commits, agents) at collection time. It may run on the HTTP server's thread, so it
+  only reads ints and ``len()``s (atomic under the GIL), never iterates shared dicts.
+- ``run`` (a trio task): every ``TICK`` seconds checks the scratch cap (> 90 % used)
+  and replication lag and logs rate-limited warnings; every ``scan_interval`` seconds
+  measures the repository on disk in a worker thread (``repostats``), so no read ever
+  walks the repository; at start it builds the agent set in a worker thread, which
+  publishing keeps up to date from then on.
+- ``report(name)``: the content of ``@stats`` (JSON) or ``@metrics`` (Prometheus text),
+  generated when the file is opened: each open reads one consistent snapshot.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import trio
+
+from . import repostats
+from .metrics import PREFIX, RateLimited, metrics
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+log = logging.getLogger("agentstatefs")
+
+TICK = 5.0
+SCRATCH_WARN = 0.9
+
+
+class Monitor:
+    def __init__(self, ns, *, scan_interval: float = 60.0, replication_lag_warn: float = 300.0):
+        self.ns = ns
+        self.scan_interval = scan_interval
+        self.replication_lag_warn = replication_lag_warn
+        self.started = time.time()
+        self.scan: dict | None = None
+        self._scratch_log = RateLimited(300.0)
+        self._replication_log = RateLimited(300.0)
+        self._last: dict[str, tuple[float, int]] = {}   # report name -> (time, size) of the newest render
+        metrics.sources["namespace"] = self.collect
+
+    # -- values read at collection time ------------------------------------------------
+    def collect(self):
+        ns = self.ns
+        store = ns.store
+        yield GaugeMetricFamily(PREFIX + "scratch_bytes", "Scratch bytes in use (RAM)", value=ns.scratch.used)
+        yield GaugeMetricFamily(PREFIX + "scratch_max_bytes", "Scratch cap (scratch_max)", value=ns.scratch.limit)
+        yield GaugeMetricFamily(PREFIX + "runtime_bytes", "runtime.json bytes kept in RAM (every kept version)",
+                                value=ns.runtime.bytes)
+        yield GaugeMetricFamily(PREFIX + "write_buffer_bytes", "Bytes in open state-file write buffers",
+                                value=ns.buffer_bytes)
+        yield GaugeMetricFamily(PREFIX + "open_handles", "Open file handles", value=len(ns.handles))
+        yield GaugeMetricFamily(PREFIX + "requests_in_flight", "FUSE requests being handled", value=ns.sm.in_flight)
+        yield GaugeMetricFamily(PREFIX + "event_subscribers", "Open M/@events streams", value=len(ns.events.subs))
+        j = store.journal
+        yield GaugeMetricFamily(PREFIX + "journal_bytes", "Journal bytes written since the last checkpoint",
+                                value=j.bytes_since_checkpoint if j is not None else 0)
+        yield GaugeMetricFamily(PREFIX + "repo_commits", "Commits on main (as served)", value=len(store.history))
+        agents = self.agents()
+        if agents is not None:
+            yield GaugeMetricFamily(PREFIX + "agents", "Agents at the head", value=agents)
+        hits = CounterMetricFamily(PREFIX + "cache_hits", "Daemon cache hits, by cache", labels=["cache"])
+        misses = CounterMetricFamily(PREFIX + "cache_misses", "Daemon cache misses, by cache", labels=["cache"])
+        reader, writer = store._reader, store.git
+        for cache, src in (("agent", reader), ("blob", reader), ("tree", writer)):
+            if src is not None:
+                hits.add_metric([cache], getattr(src, f"{cache}_hits", 0))
+                misses.add_metric([cache], getattr(src, f"{cache}_misses", 0))
+        yield hits
+        yield misses
+
+    def agents(self) -> int | None:
+        git = self.ns.git
+        if git.agents_loaded():
+            return len(git._agents)
+        return self.scan.get("agents") if self.scan else None
+
+    # -- background ----------------------------------------------------------------------
+    async def run(self) -> None:
+        try:
+            await trio.to_thread.run_sync(self.ns.git.agents)   # the set publishing keeps current
+        except Exception:
+            log.exception("counting agents failed")
+        next_scan = 0.0
+        while True:
+            now = time.monotonic()
+            if now >= next_scan:
+                next_scan = now + self.scan_interval
+                await self.rescan()
+            try:
+                self.check()
+            except Exception:
+                log.exception("monitor check failed")
+            await trio.sleep(TICK)
+
+    async def rescan(self) -> None:
+        try:
+            self.scan = await trio.to_thread.run_sync(
+                lambda: repostats.scan(self.ns.store.repo_dir, with_agents=not self.ns.git.agents_loaded()))
+            metrics.repo_size.set(self.scan["size_bytes"])
+            metrics.repo_scanned.set(self.scan["scanned"])
+        except Exception:
+            log.exception("measuring the repository failed")
+
+    def warnings(self) -> list[str]:
+        """Conditions an operator should look at, as short sentences (also in ``status``)."""
+        out = []
+        sc = self.ns.scratch
+        if sc.limit and sc.used > SCRATCH_WARN * sc.limit:
+            out.append(f"scratch space {sc.used * 100 // sc.limit}% full ({sc.used} of {sc.limit} bytes)")
+        lag = self._sample("replication_lag_seconds")
+        if self._sample("replication_enabled") and lag is not None and lag > self.replication_lag_warn:
+            out.append(f"replication {lag:.0f} s behind (replication_lag_warn={self.replication_lag_warn:g})")
+        j = self.ns.store.journal
+        if j is not None and j.failed is not None:
+            out.append(f"journal unusable: {j.failed} (restart the daemon)")
+        return out
+
+    def check(self) -> None:
+        for w in self.warnings():
+            if w.startswith("scratch"):
+                self._scratch_log.warn("%s; writes of scratch files get ENOSPC at the cap", w)
+            elif w.startswith("replication"):
+                self._replication_log.warn("%s", w)
+
+    @staticmethod
+    def _sample(name: str):
+        return metrics.registry.get_sample_value(PREFIX + name)
+
+    # -- @stats / @metrics -------------------------------------------------------------
+    def info(self) -> dict:
+        ns, store = self.ns, self.ns.store
+        cp = store.last_checkpoint_wall
+        return {
+            "tenant": os.path.basename(store.repo_dir.rstrip("/")),
+            "repo": store.repo_dir,
+            "pid": os.getpid(),
+            "started": self.started,
+            "readonly": bool(store.readonly),
+            "head": str(ns.git.head or "") or None,
+            "git_head": str(store.flushed_head or "") or None,
+            "commits": len(store.history),
+            "agents": self.agents(),
+            "repo_size_bytes": self.scan["size_bytes"] if self.scan else None,
+            "repo_scanned": self.scan["scanned"] if self.scan else None,
+            "last_checkpoint": cp or None,
+            "warnings": self.warnings(),
+        }
+
+    def report(self, name: str) -> bytes:
+        data = metrics.text() if name == "@metrics" else metrics.to_json(self.info())
+        self._last[name] = (time.monotonic(), len(data))
+        return data
+
+    def report_size(self, name: str) -> int:
+        """stat's size: the newest render's, rendering again when older than a second."""
+        last = self._last.get(name)
+        if last is None or time.monotonic() - last[0] > 1.0:
+            return len(self.report(name))
+        return last[1]
