@@ -73,6 +73,7 @@ def mounted_status(mp: str) -> dict:
             "errors": m.get("replication_errors_total"),
             "last_push": m.get("replication_last_push_timestamp_seconds") or None,
         },
+        "maintenance": info.get("maintenance"),
         "warnings": list(info.get("warnings") or []),
     }
 
@@ -143,6 +144,11 @@ def human(st: dict) -> str:
         if c and c.get("count"):
             rows.append(("commit", f"p50 {c['p50'] * 1e3:.1f} ms, p99 {c['p99'] * 1e3:.1f} ms "
                                    f"over {c['count']} groups"))
+    mt = st.get("maintenance")
+    if mt and mt.get("kind"):
+        prog = f" {mt['done']}/{mt['total']}" if mt.get("total") else ""
+        extra = f": {mt['error']}" if mt.get("error") else ""
+        rows.append(("maintenance", f"{mt['kind']} {mt['state']} ({mt['phase']}{prog}){extra}"))
     r = st.get("replication")
     if r is None:
         rows.append(("replication", "unknown (not mounted)"))

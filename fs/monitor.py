@@ -73,6 +73,27 @@ class Monitor:
                 misses.add_metric([cache], getattr(src, f"{cache}_misses", 0))
         yield hits
         yield misses
+        mt = getattr(ns.sm, "maintenance", None)
+        if mt is not None:
+            running = GaugeMetricFamily(PREFIX + "maintenance_running", "1 while a prune or gc runs, by kind",
+                                        labels=["kind"])
+            runs = CounterMetricFamily(PREFIX + "maintenance_runs", "Prunes and gcs finished, by kind",
+                                       labels=["kind"])
+            failures = CounterMetricFamily(PREFIX + "maintenance_failures", "Prunes and gcs that failed, by kind",
+                                           labels=["kind"])
+            for kind in ("prune", "gc"):
+                running.add_metric([kind], 1 if mt.busy and mt.kind == kind else 0)
+                runs.add_metric([kind], mt.runs.get(kind, 0))
+                failures.add_metric([kind], mt.failures.get(kind, 0))
+            yield running
+            yield runs
+            yield failures
+            done, total = mt.done, mt.total
+            yield GaugeMetricFamily(PREFIX + "maintenance_progress_ratio",
+                                    "Progress of the running (or last) prune/gc phase, 0 to 1",
+                                    value=min(1.0, done / total) if total else (1.0 if mt.state == "done" else 0.0))
+            yield GaugeMetricFamily(PREFIX + "maintenance_last_finished_timestamp_seconds",
+                                    "Unix time the last prune/gc finished (0: none since mount)", value=mt.finished)
 
     def agents(self) -> int | None:
         git = self.ns.git
@@ -149,6 +170,7 @@ class Monitor:
             "repo_size_bytes": self.scan["size_bytes"] if self.scan else None,
             "repo_scanned": self.scan["scanned"] if self.scan else None,
             "last_checkpoint": cp or None,
+            "maintenance": ns.sm.maintenance.status() if getattr(ns.sm, "maintenance", None) else None,
             "warnings": self.warnings(),
         }
 

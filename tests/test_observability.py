@@ -209,3 +209,27 @@ def test_warnings_slow_commit_and_scratch_near_cap(mounts):
     for i in range(5):
         (m.mp / "a1" / "config.json").write_text(json.dumps({"i": i}))
     assert m.log().count("slow commit: a group of") == 1
+
+
+def test_prune_progress_and_commit_count_after_prune(mounts):
+    m = mounts().start()
+    (m.mp / "a1").mkdir()
+    for i in range(5):
+        (m.mp / "a1" / "config.json").write_text(json.dumps({"i": i}))
+    before = read_metrics(m.mp)
+    assert value(before, "agentstatefs_maintenance_running", kind="prune") == 0
+    made = value(before, "agentstatefs_commits", "agentstatefs_commits_total")
+    r = subprocess.run(CLI + ["prune", "--repo", str(m.repo), "--keep-last", "2"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    fams = read_metrics(m.mp)
+    assert value(fams, "agentstatefs_maintenance_runs", "agentstatefs_maintenance_runs_total", kind="prune") == 1
+    assert value(fams, "agentstatefs_maintenance_failures", "agentstatefs_maintenance_failures_total",
+                 kind="prune") == 0
+    assert value(fams, "agentstatefs_maintenance_running", kind="prune") == 0
+    assert value(fams, "agentstatefs_maintenance_progress_ratio") == 1.0
+    # commits_total counts commits made by writers; the history served is the pruned chain
+    assert value(fams, "agentstatefs_commits", "agentstatefs_commits_total") == made
+    assert value(fams, "agentstatefs_repo_commits") == m.commit_count() == 2
+    st = json.loads(status(str(m.mp), "--json").stdout)
+    assert st["commits"] == 2 and st["maintenance"]["state"] == "done"
+    assert "maintenance  prune done" in status(str(m.mp)).stdout
