@@ -67,7 +67,8 @@ def mounted_status(mp: str) -> dict:
         "commit_seconds": hist("commit_duration_seconds"),
         "fsync_seconds": hist("journal_fsync_seconds"),
         "replication": {
-            "enabled": bool(m.get("replication_enabled")),
+            "enabled": bool(m.get("replication_enabled")) or bool(info.get("replication")),
+            "detail": info.get("replication"),
             "lag_seconds": m.get("replication_lag_seconds"),
             "lag_commits": m.get("replication_lag_commits"),
             "errors": m.get("replication_errors_total"),
@@ -154,9 +155,17 @@ def human(st: dict) -> str:
         rows.append(("replication", "unknown (not mounted)"))
     elif not r["enabled"]:
         rows.append(("replication", "off"))
+    elif (r.get("detail") or {}).get("mode") == "replica":
+        d = r["detail"]
+        rows.append(("replication", f"read-only replica of {d.get('url')}: last fetch {_ago(d.get('last_fetch'))}, "
+                                    f"{d.get('errors') or 0} errors"))
     else:
-        rows.append(("replication", f"{r['lag_seconds'] or 0:.0f} s / {r['lag_commits'] or 0} commits behind, "
-                                    f"{r['errors'] or 0} errors, last push {_ago(r['last_push'])}"))
+        d = r.get("detail") or {}
+        rows.append(("replication", f"pushing to {d.get('url') or '?'}: {r['lag_seconds'] or 0:.0f} s / "
+                                    f"{r['lag_commits'] or 0} commits behind, {r['errors'] or 0} errors, "
+                                    f"last push {_ago(r['last_push'])}"))
+        if d.get("last_error"):
+            rows.append(("", f"last error: {d['last_error']}"))
     rows.append(("warnings", "none" if not st["warnings"] else st["warnings"][0]))
     rows += [("", w) for w in st["warnings"][1:]]
     width = max(len(k) for k, _ in rows)

@@ -196,7 +196,13 @@ class Metrics:
         self.replication_pushes = Counter(PREFIX + "replication_pushes", "Successful pushes", registry=r)
         self.replication_last_push = Gauge(PREFIX + "replication_last_push_timestamp_seconds",
                                            "Unix time of the last successful push", registry=r)
-        # -- retention: prune/gc progress is read from the state manager at collection (fs/monitor.py)
+        # -- retention (set by the state manager's maintenance; gc and the rest in fs/monitor.py)
+        self.prune_running = Gauge(PREFIX + "prune_running", "1 while a prune runs", registry=r)
+        self.prune_progress = Gauge(PREFIX + "prune_progress_ratio", "Progress of the running prune, 0 to 1",
+                                    registry=r)
+        self.prunes = Counter(PREFIX + "prunes", "Prunes completed", registry=r)
+        self.last_prune = Gauge(PREFIX + "last_prune_timestamp_seconds", "Unix time of the last completed prune",
+                                registry=r)
         # -- warnings
         self.slow_commit_s = 1.0
         self.slow_fsync_s = 0.5

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 
 import trio
@@ -30,6 +31,12 @@ log = logging.getLogger("agentstatefs")
 
 TICK = 5.0
 SCRATCH_WARN = 0.9
+
+
+def redact_url(url: str) -> str:
+    """``https://user:token@host/x`` -> ``https://***@host/x``: @stats is readable by
+    every user of the mount."""
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@", r"\1***@", url)
 
 
 class Monitor:
@@ -137,6 +144,10 @@ class Monitor:
         lag = self._sample("replication_lag_seconds")
         if self._sample("replication_enabled") and lag is not None and lag > self.replication_lag_warn:
             out.append(f"replication {lag:.0f} s behind (replication_lag_warn={self.replication_lag_warn:g})")
+        r = self.replication()
+        if r is not None and r["mode"] == "replica" and (r.get("behind_seconds") or 0) > self.replication_lag_warn:
+            out.append(f"replica last fetched {r['behind_seconds']:.0f} s ago (replication_lag_warn="
+                       f"{self.replication_lag_warn:g})")
         j = self.ns.store.journal
         if j is not None and j.failed is not None:
             out.append(f"journal unusable: {j.failed} (restart the daemon)")
@@ -146,7 +157,7 @@ class Monitor:
         for w in self.warnings():
             if w.startswith("scratch"):
                 self._scratch_log.warn("%s; writes of scratch files get ENOSPC at the cap", w)
-            elif w.startswith("replication"):
+            elif w.startswith("replica"):
                 self._replication_log.warn("%s", w)
 
     @staticmethod
@@ -170,9 +181,21 @@ class Monitor:
             "repo_size_bytes": self.scan["size_bytes"] if self.scan else None,
             "repo_scanned": self.scan["scanned"] if self.scan else None,
             "last_checkpoint": cp or None,
+            "replication": self.replication(),
             "maintenance": ns.sm.maintenance.status() if getattr(ns.sm, "maintenance", None) else None,
             "warnings": self.warnings(),
         }
+
+    def replication(self) -> dict | None:
+        """-o replicate (push) or --replica (follow) state, URL without credentials."""
+        r = getattr(self.ns.sm, "replication", None)
+        if r is None:
+            return None
+        d = dict(r.to_json())
+        d["mode"] = "replica" if "fetches" in d else "push"
+        if isinstance(d.get("url"), str):
+            d["url"] = redact_url(d["url"])
+        return d
 
     def report(self, name: str) -> bytes:
         data = metrics.text() if name == "@metrics" else metrics.to_json(self.info())

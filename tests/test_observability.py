@@ -233,3 +233,32 @@ def test_prune_progress_and_commit_count_after_prune(mounts):
     st = json.loads(status(str(m.mp), "--json").stdout)
     assert st["commits"] == 2 and st["maintenance"]["state"] == "done"
     assert "maintenance  prune done" in status(str(m.mp)).stdout
+
+
+def test_replication_in_metrics_and_status(mounts, tmp_path):
+    remote = tmp_path / "remote.git"
+    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(remote)], check=True)
+    m = mounts().start(f"replicate={remote},replicate_interval=0.2")
+    (m.mp / "a1").mkdir()
+    (m.mp / "a1" / "config.json").write_text('{"x": 1}')
+    m.git_settled()
+    head = m.git("rev-parse", "main").strip()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        r = subprocess.run(["git", "-C", str(remote), "rev-parse", "main"], capture_output=True, text=True)
+        if r.stdout.strip() == head:
+            break
+        time.sleep(0.1)
+    while time.monotonic() < deadline:    # the gauges are set right after the push returns
+        fams = read_metrics(m.mp)
+        if value(fams, "agentstatefs_replication_lag_commits") == 0 and \
+                value(fams, "agentstatefs_replication_pushes", "agentstatefs_replication_pushes_total") >= 1:
+            break
+        time.sleep(0.1)
+    assert value(fams, "agentstatefs_replication_enabled") == 1
+    assert value(fams, "agentstatefs_replication_errors", "agentstatefs_replication_errors_total") == 0
+    st = json.loads(status(str(m.mp), "--json").stdout)
+    assert st["replication"]["enabled"] is True
+    assert st["replication"]["detail"]["mode"] == "push"
+    assert st["replication"]["detail"]["url"] == str(remote)
+    assert f"pushing to {remote}: 0 s / 0 commits behind, 0 errors" in status(str(m.mp)).stdout
