@@ -129,7 +129,8 @@ class Monitor:
     async def rescan(self) -> None:
         try:
             self.scan = await trio.to_thread.run_sync(
-                lambda: repostats.scan(self.ns.store.repo_dir, with_agents=not self.ns.git.agents_loaded()))
+                lambda: repostats.scan(self.ns.store.repo_dir, with_agents=not self.ns.git.agents_loaded(),
+                               with_commits=False))
             metrics.repo_size.set(self.scan["size_bytes"])
             metrics.repo_scanned.set(self.scan["scanned"])
         except Exception:
