@@ -76,11 +76,16 @@ class StateManager:
             if self._in_committer:
                 # Between two groups (the previous one is published): the one owner of the
                 # head runs a history rewrite, so no group is in progress or lost.
-                fn, done, box = self._in_committer.pop(0)
+                fn, after, done, box = self._in_committer.pop(0)
                 try:
                     box.append(await trio.to_thread.run_sync(fn))
                 except BaseException as exc:   # handed back to the waiting task
                     box.append(exc)
+                else:
+                    try:
+                        after(box[0])          # e.g. move the readers' head, before any next group
+                    except Exception:
+                        log.exception("publishing the result of %s failed", getattr(fn, "__name__", fn))
                 done.set()
                 continue
             if not self._pending:
@@ -204,9 +209,11 @@ class StateManager:
                     await trio.sleep(0.01)
 
     # -- maintenance through the mount: prune and gc ---------------------------------------
-    async def _run_in_committer(self, fn):
+    async def _run_in_committer(self, fn, after=lambda result: None):
+        """Run ``fn`` in a worker thread between two groups, then ``after(result)`` on
+        the trio thread before the committer takes the next group."""
         done, box = trio.Event(), []
-        self._in_committer.append((fn, done, box))
+        self._in_committer.append((fn, after, done, box))
         self._wakeup.set()
         await done.wait()
         if isinstance(box[0], BaseException):
@@ -259,13 +266,10 @@ class StateManager:
         # beside the committer; only the commits made meanwhile and the switch run in it.
         await trio.to_thread.run_sync(job.build, entries)
         await trio.to_thread.run_sync(pause, "built")
-        summary = await self._run_in_committer(lambda: self.store.finish_prune(job))
-        if not summary.get("noop"):
-            try:
+        def published(summary):
+            if not summary.get("noop"):
                 self.on_rewrite(summary)
-            except Exception:
-                log.exception("publishing the rewritten history failed")
-        return summary
+        return await self._run_in_committer(lambda: self.store.finish_prune(job), published)
 
     async def _gc(self) -> dict:
         from .fsck import gc_commands, repo_bytes
