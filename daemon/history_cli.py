@@ -221,8 +221,9 @@ def cmd_restore(args) -> int:
         if store.git.agent(agent) is None:
             m = store.git.agent_at(commit, agent).meta
             todo.append(ch.Change(ch.MKDIR, agent, who, time.time_ns(),
-                                  attrs={"": {k: m[k] for k in ("mode", "uid", "gid")}}))
-        attrs = {args.file: {k: fm[k] for k in ("mode", "uid", "gid")}}
+                                  attrs={"": {k: m[k] for k in ("mode", "uid", "gid", "acl", "default_acl")
+                                              if k in m}}))
+        attrs = {args.file: {k: fm.get(k) for k in ("mode", "uid", "gid", "acl")}}
         todo.append(ch.Change(ch.RESTORE, agent, who, time.time_ns(), files={args.file: data},
                               attrs=attrs, note=commit[:7]))
         results = store.commit_batch(todo)

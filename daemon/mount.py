@@ -20,6 +20,7 @@ import pygit2
 import trio
 
 from ..fs import private
+from ..fs.audit import AuditLog
 from ..fs.errors import RepoError
 from ..fs.repolock import RepoLock
 from ..fs.store import Store
@@ -192,6 +193,7 @@ async def _serve(ops: AgentFS, sm: StateManager, mountpoint: str, on_ready, noti
         nursery.start_soon(sm.run_packer, ops.opts.pack_every or None, 5.0)
         nursery.start_soon(_watch_signals, sm)
         nursery.start_soon(ops.ns.monitor.run)   # warnings, repository size (fs/monitor.py)
+        nursery.start_soon(_watch_sighup, ops.ns.audit)
         if notifier is not None:  # systemd: READY=1 once the mount answers, watchdog, STATUS
             nursery.start_soon(notifier)
         nursery.start_soon(_ready_when_answering, mountpoint, on_ready)
@@ -213,6 +215,16 @@ async def _ready_when_answering(mountpoint: str, on_ready) -> None:
         except OSError:
             await trio.sleep(0.01)
     on_ready()
+
+
+async def _watch_sighup(audit) -> None:
+    """SIGHUP reopens the audit log (after logrotate moved it away)."""
+    with trio.open_signal_receiver(signal.SIGHUP) as signals:
+        async for _ in signals:
+            if audit is not None:
+                audit.reopen()
+            else:
+                log.info("SIGHUP: nothing to reopen (no -o audit)")
 
 
 async def _watch_signals(sm: StateManager) -> None:
@@ -320,8 +332,16 @@ def run(repo: str, mountpoint: str, options: MountOptions, *, foreground: bool,
         lock.release()
         return fail(f"cannot start: {exc}")
 
+    audit = None
+    if options.audit:
+        try:
+            audit = AuditLog(os.path.abspath(options.audit), reads=options.audit_reads)
+        except OSError as exc:
+            store.close()
+            lock.release()
+            return fail(f"cannot open the audit log {options.audit}: {exc.strerror}")
     sm = StateManager(store, checkpoint_interval=options.checkpoint_interval)
-    ops = AgentFS(store, sm, options)
+    ops = AgentFS(store, sm, options, audit)
     replicator = None
     if options.replicate and not options.ro:
         from ..fs.replicate import Replicator
@@ -374,6 +394,10 @@ def run(repo: str, mountpoint: str, options: MountOptions, *, foreground: bool,
             log.exception("final checkpoint failed (the journal will be replayed at next mount)")
         if replicator is not None:
             replicator.stop(final_push=True)     # the final checkpoint moved the ref: push it
+        if audit is not None:
+            audit.close()
+            if audit.dropped:
+                log.warning("audit log %s: %d line(s) were dropped in all", audit.path, audit.dropped)
         pyfuse3.close(unmount=clean)
         if not clean:
             subprocess.run(["fusermount3", "-uz", mountpoint], capture_output=True)

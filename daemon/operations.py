@@ -25,8 +25,9 @@ from ..fs.names import decode_name
 log = logging.getLogger("agentstatefs")
 
 # ESTALE: a compare-and-swap that lost a race, an expected outcome (the caller retries).
+# EACCES: a permission denial, an expected outcome recorded in the audit log (-o audit).
 _QUIET = {errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.ENODATA, errno.ENOTSUP, errno.EXDEV, errno.ESTALE,
-          errno.EAGAIN}
+          errno.EAGAIN, errno.EACCES}
 
 
 def _ctx_text(args) -> str:
@@ -157,10 +158,11 @@ def _stop_events_on_terminate(ns: Namespace) -> None:
 class AgentFS(pyfuse3.Operations):
     """The agentstatefs filesystem, as pyfuse3 sees it."""
 
-    def __init__(self, store, statemgr, options):
+    def __init__(self, store, statemgr, options, audit=None):
         super().__init__()
         kernel = FuseKernel()
         self.ns = Namespace(store, statemgr, options, kernel)
+        self.ns.audit = audit
         kernel.inodes = self.ns.inodes
         _stop_events_on_terminate(self.ns)
         self.store = store
@@ -181,6 +183,10 @@ class AgentFS(pyfuse3.Operations):
     @handler
     async def lookup(self, parent_inode, name, ctx):
         return _entry(await self.ns.lookup(parent_inode, decode_name(name), _caller(ctx)))
+
+    @handler
+    async def access(self, inode, mode, ctx):
+        return self.ns.may(inode, mode, _caller(ctx))
 
     @handler
     async def getattr(self, inode, ctx):

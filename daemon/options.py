@@ -13,8 +13,14 @@ DEFAULT_MOUNTPOINT = "/mnt/agents"
 HELP = """\
 mount options (-o opt[,opt...], may be repeated):
   allow_other           let users other than the mounting one use the mount
-                        (permission checks stay on: default_permissions is implied)
-  default_permissions   accepted for compatibility; always in effect
+                        (the daemon checks every access: owner, group, mode, ACLs)
+  default_permissions   accepted for compatibility; the daemon makes the checks itself
+  root_mode=MODE        mode of the mount root, octal (default 0755, owner = the mounting
+                        user); 1777 lets any user create agents (sticky, as /tmp)
+  admin_group=NAME      members of this group (name or number) read and write everything
+  audit=PATH            append a JSON line per write, delete, rename, restore, mode/owner/ACL
+                        change and per denied attempt to PATH (reopened on SIGHUP)
+  audit_reads           also audit opens for reading (needs audit=PATH)
   ro                    mount read-only: every write fails with EROFS
   fsname=NAME           source name shown in /proc/mounts and df (default agentstatefs:REPO)
   history=hidden|visible  list @history directories in readdir (default hidden;
@@ -132,6 +138,16 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _group_id(value: str) -> int:
+    import grp
+    if re.fullmatch(r"\d{1,10}", value, re.A):
+        return int(value)
+    try:
+        return grp.getgrnam(value).gr_gid
+    except KeyError:
+        raise ValueError(f"no group named {value!r}") from None
+
+
 @dataclass
 class MountOptions:
     allow_other: bool = False
@@ -155,6 +171,11 @@ class MountOptions:
     slow_commit_ms: int = 1000
     slow_fsync_ms: int = 500
     replication_lag_warn: float = 300.0
+    root_mode: int = 0o755
+    admin_group: str = ""
+    admin_gid: int | None = None
+    audit: str = ""
+    audit_reads: bool = False
 
     @classmethod
     def parse(cls, groups: list[str] | None) -> "MountOptions":
@@ -189,16 +210,32 @@ class MountOptions:
                         o.history_visible = value == "visible"
                     elif key == "metrics_listen":
                         o.metrics_listen = parse_listen(value)
+                    elif key == "root_mode":
+                        if not re.fullmatch(r"[0-7]{1,4}", value, re.A) or int(value, 8) & ~0o1777:
+                            raise ValueError("must be an octal mode such as 0755 or 1777")
+                        o.root_mode = int(value, 8)
+                    elif key == "admin_group":
+                        o.admin_group, o.admin_gid = value, _group_id(value)
+                    elif key == "audit":
+                        if not value:
+                            raise ValueError("needs a file name: audit=PATH")
+                        o.audit = value
+                    elif key == "audit_reads":
+                        o.audit_reads = True
                     elif key in RANGES:
                         setattr(o, key, parse_number(key, value))
                     else:
                         raise ValueError(f"unknown mount option {key!r}")
                 except ValueError as exc:
                     raise ValueError(f"-o {item}: {exc}") from None
+        if o.audit_reads and not o.audit:
+            raise ValueError("-o audit_reads needs -o audit=PATH")
         return o
 
     def fuse_options(self, repo: str) -> set[str]:
-        opts = {"default_permissions", "subtype=agentstatefs",
+        # No default_permissions: the daemon checks every access itself (fs/access.py), so
+        # that it sees every denial (audit log) and can apply ACLs and history rules.
+        opts = {"subtype=agentstatefs",
                 f"fsname={self.fsname or 'agentstatefs:' + repo}"}
         if self.allow_other:
             opts.add("allow_other")

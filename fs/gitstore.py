@@ -31,6 +31,7 @@ from .names import DURABLE_FILES, META_FILE
 log = logging.getLogger(__name__)
 
 BRANCH = "refs/heads/main"
+ACL_KEYS = ("acl", "default_acl")   # POSIX ACLs in meta.json (fs/access.py), versioned like mode
 COMMITTER = ("agentstatefs", "agentstatefs@localhost")
 
 
@@ -623,6 +624,9 @@ class GitStore:
                 meta = {"id": agent, "created_ns": change.time_ns, "mode": a.get("mode", 0o755),
                         "uid": a.get("uid", change.who.uid), "gid": a.get("gid", change.who.gid),
                         "files": {}, "versions": {}}
+                for key in ACL_KEYS:
+                    if a.get(key):
+                        meta[key] = a[key]
                 new_view = AgentView(meta=meta, files={})
             elif view is None:
                 raise FsError(errno.ENOENT, f"agent {agent} does not exist")
@@ -694,6 +698,9 @@ class GitStore:
             fid = attrs.get("fid", prev.get("fid"))
             if fid:
                 fmeta[name]["fid"] = fid
+            acl = attrs["acl"] if "acl" in attrs else prev.get("acl")
+            if acl:
+                fmeta[name]["acl"] = acl
             files[name] = oid
             changed = True
         if change.op in (ch.CHMOD, ch.CHOWN):
@@ -704,6 +711,16 @@ class GitStore:
                 for key in ("mode", "uid", "gid"):
                     if key in attrs and target.get(key) != attrs[key]:
                         target[key] = attrs[key]
+                        changed = True
+                for key in ACL_KEYS:
+                    # An ACL (fs/access.py: extended entries) or None to remove it.
+                    if key in attrs and target.get(key) != attrs[key]:
+                        if attrs[key]:
+                            target[key] = attrs[key]
+                        elif key in target:
+                            del target[key]
+                        else:
+                            continue
                         changed = True
         if not changed:
             return None

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 import trio
 
 from . import changes as ch
+from .access import (ACL_XATTR, ACL_XATTRS, DEFAULT_ACL_XATTR, R, W, X, Access, encode_acl, full_acl,
+                     inherit, parse_acl, split_acl)
 from .changes import Change, Who, safe_text
 from .errors import FsError
 from .handles import Handle
@@ -128,6 +130,7 @@ class PendingFile:
     gid: int
     time_ns: int
     creators: int = 0
+    acl: list | None = None
 
 
 class Kernel:
@@ -186,6 +189,9 @@ class Namespace:
         # so its write of the same bytes is recorded as a restore (a copy out of history).
         self.history_reads: OrderedDict[int, OrderedDict] = OrderedDict()
         self.uid, self.gid = root_owner or (os.getuid(), os.getgid())
+        self.root_mode = getattr(options, "root_mode", 0o755)
+        self.access = Access(getattr(options, "admin_gid", None))
+        self.audit = None        # an AuditLog (fs/audit.py) when mounted with -o audit=PATH
         self.history = HistoryView(store, self.inodes, self.runtime, self._hist_entry, (self.uid, self.gid))
         statemgr.on_publish = self.publish
         statemgr.on_rewrite = self.rewrite
@@ -217,6 +223,22 @@ class Namespace:
                 self.kernel.invalidate_attr(ino)
         for oid, change, versions in group.made:
             self._emit_commit(oid, change, versions)
+            if self.audit is not None:
+                self._audit_change(oid, change)
+
+    def _audit_change(self, oid, change: Change) -> None:
+        op = change.op
+        if op == ch.CHMOD and any(k in a for a in change.attrs.values() for k in ("acl", "default_acl")):
+            op = "setfacl"
+        common = {"time_ns": change.time_ns, "commit": str(oid) if oid else None,
+                  "note": change.note or None}
+        if op in (ch.RENAME, ch.EXCHANGE) and change.move:
+            src, dst = change.move
+            self.audit.record(change.who, op, f"/{change.agent}/{src}", to=f"/{change.agent}/{dst}", **common)
+            return
+        names = list(change.files) or [k for k in change.attrs if k] or [""]
+        for f in names:
+            self.audit.record(change.who, op, f"/{change.agent}/{f}" if f else f"/{change.agent}", **common)
 
     def rewrite(self, summary: dict) -> None:
         """History was rewritten (prune, run in the committer): the readers' head moves
@@ -299,6 +321,7 @@ class Namespace:
         node = self.agent_scratch.get(agent)
         if node is None:
             node = self.agent_scratch[agent] = self.scratch.new_node(0, stat.S_IFDIR | 0o755, 0, 0, charge=False)
+            node.agent = agent
         return node
 
     def _state_ino(self, agent: str, name: str) -> int | None:
@@ -375,7 +398,7 @@ class Namespace:
                 raise FsError(errno.ENOENT, "file was removed")
             return key[1]
         if kind == "root":
-            return Attr(ROOT, stat.S_IFDIR | 0o755, 2, self.uid, self.gid, 0, self.mount_ns)
+            return Attr(ROOT, stat.S_IFDIR | self.root_mode, 2, self.uid, self.gid, 0, self.mount_ns)
         if kind == "events":
             return Attr(ino, stat.S_IFREG | 0o444, 1, self.uid, self.gid, 0, self.mount_ns)
         if kind == "report":
@@ -541,7 +564,10 @@ class Namespace:
                 have = cur.current.version if cur is not None else 0
                 if have != expect:
                     raise FsError(errno.ESTALE, f"{agent}/{name} is at version {have}, not {expect}")
+            fresh = cur is None
             self._store_runtime(agent, data, who, (attrs or {}).get("mode", 0o644))
+            if fresh and (attrs or {}).get("acl") and self.runtime.get(agent) is not None:
+                self.runtime.get(agent).acl = attrs["acl"]
             return None
         change = Change(ch.WRITE, agent, who, time.time_ns(), files={name: data},
                         attrs={name: attrs} if attrs else {},
@@ -581,6 +607,8 @@ class Namespace:
         if v is not None:
             self.events.emit(ch.WRITE, agent, RUNTIME_FILE, time_ns=now, version=v.version, uid=who.uid,
                              pid=who.pid)
+            if self.audit is not None:
+                self.audit.record(who, ch.WRITE, f"/{agent}/{RUNTIME_FILE}", time_ns=now)
 
     def _reject(self, agent: str, name: str, data: bytes, who: Who, exc: FsError, origin: int | None) -> None:
         """A refused write of ``agent/name``: keep it in ``@rejected`` (RAM)."""
@@ -597,6 +625,8 @@ class Namespace:
             metrics.refused_writes.labels(errno=errno.errorcode.get(e.errno, str(e.errno))).inc()
             self.events.emit("rejected", agent, name, time_ns=e.time_ns, uid=e.who.uid, pid=e.who.pid,
                              reason=e.reason, errno=errno.errorcode.get(e.errno, str(e.errno)))
+            if self.audit is not None:
+                self.audit.record(e.who, ch.WRITE, f"/{agent}/{name}", e.errno, time_ns=e.time_ns, reason=e.reason)
 
     # -- shared version bytes and write buffers ----------------------------------------------
     async def _acquire(self, agent: str, name: str) -> tuple[bytes, object, object]:
@@ -684,8 +714,223 @@ class Namespace:
     def remember(self, ino: int) -> None:
         self.inodes.remember(ino)
 
+    # -- permissions (fs/access.py; docs/security.md) --------------------------------------
+    # The mount has no default_permissions: every check is made here, so every denial is
+    # seen (audit log) and history can be held to today's permissions as well as its own.
+    @staticmethod
+    def _meta_perm(m: dict, default_mode: int = 0o755) -> tuple:
+        return (m.get("mode", default_mode), m.get("uid", 0), m.get("gid", 0), m.get("acl"))
+
+    def _agent_perm(self, agent: str) -> tuple | None:
+        """Today's agent directory as a Perm, None if the agent does not exist."""
+        view = self.git.agent(agent)
+        return self._meta_perm(view.meta) if view is not None else None
+
+    def _file_perm(self, agent: str, name: str) -> tuple | None:
+        """Today's state file (durable, runtime or being created) as a Perm, or None."""
+        if name == RUNTIME_FILE:
+            rf = self.runtime.get(agent)
+            if rf is not None:
+                return (rf.mode, rf.uid, rf.gid, rf.acl)
+        else:
+            view = self.git.agent(agent)
+            fm = view.file_meta(name) if view is not None and name in view.files else None
+            if fm is not None:
+                return (fm["mode"], fm["uid"], fm["gid"], fm.get("acl"))
+        p = self.pending.get((agent, name))
+        if p is not None:
+            return (p.mode, p.uid, p.gid, p.acl)
+        return None
+
+    @staticmethod
+    def _scratch_perm(node: ScratchNode) -> tuple:
+        ext = None
+        raw = node.xattrs.get(ACL_XATTR)
+        if raw is not None:
+            try:
+                ext = split_acl(parse_acl(raw), node.mode)[1]
+            except FsError:
+                ext = None
+        return (stat.S_IMODE(node.mode), node.uid, node.gid, ext)
+
+    def _perms(self, key: tuple) -> tuple[list, list]:
+        """(what the object itself grants, the directories it is reached through, which
+        must grant search): every Perm in a list must allow the access. A past version
+        is held to today's agent directory and file as well as to its own."""
+        kind = key[0]
+        if kind == "root":
+            return [(self.root_mode, self.uid, self.gid, None)], []
+        if kind == "agent":
+            p = self._agent_perm(key[1])
+            return ([p] if p else []), []
+        if kind == "state":
+            fp, ap = self._file_perm(key[1], key[2]), self._agent_perm(key[1])
+            return ([fp] if fp else []), ([ap] if ap else [])
+        if kind == "scratch":
+            node = key[1]
+            ap = self._agent_perm(node.agent) if node.agent else None
+            return [self._scratch_perm(node)], ([ap] if ap else [])
+        if kind == "events":
+            return [(0o444, self.uid, self.gid, None)], []
+        if kind in ("patch-dir", "rejected-dir"):
+            p = self._agent_perm(key[1])
+            return ([p] if p else []), []
+        if kind == "patch":
+            fp, ap = self._file_perm(key[1], key[2]), self._agent_perm(key[1])
+            return [fp or ap] if (fp or ap) else [], ([ap] if ap else [])
+        if kind == "rejected":
+            e = self.rejected.get(key[1], key[2])
+            fp, ap = self._file_perm(key[1], key[2]), self._agent_perm(key[1])
+            own = [(0o440, e.who.uid, e.who.gid, None)] if e is not None else []
+            return own + ([fp] if fp else []), ([ap] if ap else [])
+        if kind.startswith("hist-"):
+            return self._hist_perms(key)
+        return [], []
+
+    def _hist_perms(self, key: tuple) -> tuple[list, list]:
+        kind = key[0]
+        today = self._agent_perm
+        if kind == "hist-root":
+            if key[1]:
+                t = today(key[1])
+                return ([t] if t else []), ([t] if t else [])
+            return [(0o555, self.uid, self.gid, None)], []
+        if kind == "hist-commit":
+            _, scope, _used, hexid = key
+            if not scope:
+                return [(0o555, self.uid, self.gid, None)], []
+            t = today(scope)
+            past = self.git.agent_at(hexid, scope)
+            own = ([t] if t else []) + ([self._meta_perm(past.meta)] if past is not None else [])
+            return own, ([t] if t else [])
+        if kind == "hist-agent":
+            _, _used, hexid, agent = key
+            t = today(agent)
+            past = self.git.agent_at(hexid, agent)
+            return ([self._meta_perm(past.meta)] if past is not None else []) + ([t] if t else []), []
+        if kind == "hist-file":
+            _, hexid, agent, name = key
+            past = self.git.agent_at(hexid, agent)
+            fm = past.file_meta(name) if past is not None else None
+            t, tf = today(agent), self._file_perm(agent, name)
+            own = ([(fm["mode"], fm["uid"], fm["gid"], fm.get("acl"))] if fm else []) + ([tf] if tf else [])
+            via = ([self._meta_perm(past.meta)] if past is not None else []) + ([t] if t else [])
+            return own, via
+        if kind == "hist-runtime":
+            t = today(key[1])
+            return ([t] if t else []), ([t] if t else [])
+        if kind == "hist-rt":
+            t, tf = today(key[1]), self._file_perm(key[1], RUNTIME_FILE)
+            return ([tf] if tf else []), ([t] if t else [])
+        return [], []
+
+    def _path(self, key: tuple, name: str | None = None) -> str:
+        """The path of an object (and optionally a name in it), for the audit log."""
+        kind = key[0]
+        if kind == "root":
+            base = ""
+        elif kind == "agent":
+            base = f"/{key[1]}"
+        elif kind in ("state",):
+            base = f"/{key[1]}/{key[2]}"
+        elif kind == "scratch":
+            base = f"/{key[1].agent or '?'}/..."
+        elif kind == "events":
+            base = f"/{EVENTS_FILE}"
+        elif kind == "patch-dir":
+            base = f"/{key[1]}/{PATCH_DIR}"
+        elif kind == "patch":
+            base = f"/{key[1]}/{PATCH_DIR}/{key[2]}"
+        elif kind == "rejected-dir":
+            base = f"/{key[1]}/{REJECTED_DIR}"
+        elif kind == "rejected":
+            base = f"/{key[1]}/{REJECTED_DIR}/{key[2]}"
+        elif kind == "hist-root":
+            base = f"/{key[1]}/{HISTORY_DIR}" if key[1] else f"/{HISTORY_DIR}"
+        elif kind == "hist-commit":
+            base = f"/{key[1]}/{HISTORY_DIR}/{key[2]}" if key[1] else f"/{HISTORY_DIR}/{key[2]}"
+        elif kind == "hist-agent":
+            base = f"/{HISTORY_DIR}/{key[1]}/{key[3]}"
+        elif kind == "hist-file":
+            base = f"/{HISTORY_DIR}/{key[1]}/{key[2]}/{key[3]}"
+        elif kind == "hist-runtime":
+            base = f"/{key[1]}/{HISTORY_DIR}/runtime"
+        elif kind == "hist-rt":
+            base = f"/{key[1]}/{HISTORY_DIR}/runtime/{key[2]}.json"
+        else:
+            base = "/?"
+        if name is not None:
+            return f"{base}/{name}"
+        return base or "/"
+
+    def _deny(self, caller: Caller, op: str, path: str, err: int = errno.EACCES, why: str = "permission denied"):
+        metrics.denials.labels(op=op).inc()
+        if self.audit is not None:
+            self.audit.record(caller.who(), op, path, err, denied=True)
+        raise FsError(err, f"{path}: {why} (uid {caller.uid})")
+
+    def _check(self, caller: Caller, key: tuple, want: int, op: str, name: str | None = None) -> None:
+        """EACCES (audited) unless the caller may ``want`` (R|W|X) on the object ``key``
+        and search the directories it is reached through. Root passes at once; group
+        membership is looked up only when a decision depends on it."""
+        if caller.uid == 0:
+            return
+        own, via = self._perms(key)
+        acc = self.access
+        if (via and not acc.allowed(caller, via, X)) or (want and own and not acc.allowed(caller, own, want)):
+            self._deny(caller, op, self._path(key, name))
+
+    def may(self, ino: int, mode: int, caller: Caller) -> bool:
+        """access(2): may the caller ``mode`` (R_OK|W_OK|X_OK bits, 0 = exists)?"""
+        key = self.inodes.key(ino)
+        if caller.uid == 0:
+            return True
+        own, via = self._perms(key)
+        if via and not self.access.allowed(caller, via, X):
+            return False
+        if mode & W and (key[0].startswith("hist-") or key[0] in ("rejected", "rejected-dir")):
+            return True      # writes fail with EROFS, not EACCES
+        return not (mode and own and not self.access.allowed(caller, own, mode & 7))
+
+    def _check_sticky(self, caller: Caller, dir_perm: tuple, owner: int | None, op: str, path: str) -> None:
+        """In a sticky directory (root_mode=1777) only the owner of an entry, of the
+        directory, or a privileged caller may remove or rename it (as in /tmp): EPERM."""
+        if owner is None or not dir_perm[0] & stat.S_ISVTX or caller.uid in (0, owner, dir_perm[1]):
+            return
+        if not self.access.privileged(caller):
+            self._deny(caller, op, path, errno.EPERM, "sticky directory: not the owner")
+
+    def _entry_owner(self, where: str, agent: str | None, sdir, name: str) -> int | None:
+        """The owner of entry ``name`` in a directory (for the sticky rule), None if absent."""
+        if where == "root":
+            p = self._agent_perm(name)
+            return p[1] if p else None
+        if where == "agent" and is_state(name):
+            fp = self._file_perm(agent, name)
+            return fp[1] if fp else None
+        node = sdir.children.get(name) if sdir is not None else None
+        return node.uid if node is not None else None
+
+    def _dir_perm(self, parent: int) -> tuple:
+        own, _ = self._perms(self.inodes.key(parent))
+        return own[0] if own else (0o755, 0, 0, None)
+
+    def _check_remove(self, caller: Caller, parent: int, where: str, agent, sdir, name: str, op: str) -> None:
+        """Write and search on the directory, and the sticky rule, to remove or replace ``name``."""
+        key = self.inodes.key(parent)
+        self._check(caller, key, W | X, op, name)
+        if caller.uid != 0:
+            self._check_sticky(caller, self._dir_perm(parent), self._entry_owner(where, agent, sdir, name),
+                               op, self._path(key, name))
+
+    def _audit(self, caller: Caller, op: str, path: str, err: int = 0) -> None:
+        if self.audit is not None:
+            self.audit.record(caller.who(), op, path, err)
+
     # -- lookup & attributes -----------------------------------------------------------------
     async def lookup(self, parent: int, name: str, caller: Caller) -> Attr:
+        if caller.uid != 0:
+            self._check(caller, self.inodes.key(parent), X, "lookup", name)
         ino, entry_timeout = self._child(parent, name)
         attr = self._attr(ino)
         if entry_timeout is not None:
@@ -704,6 +949,8 @@ class Namespace:
             raise FsError(errno.EROFS, "history is read-only")
         if kind in ("rejected-dir", "rejected"):
             raise FsError(errno.EROFS, f"{REJECTED_DIR} is read-only")
+        if caller.uid != 0 and kind not in ("orphan", "orphan-pending"):
+            self._check_setattr(caller, key, size, mode, uid, gid, atime_ns, mtime_ns, fh)
         if kind == "events":
             if size is not None or mode is not None or uid is not None or gid is not None:
                 raise FsError(errno.EPERM, f"{EVENTS_FILE} is the change stream")
@@ -787,11 +1034,38 @@ class Namespace:
                     raise FsError(errno.ENOENT, f"{agent}/{name} does not exist")
                 rf.mode, rf.uid, rf.gid = upd.get("mode", rf.mode), upd.get("uid", rf.uid), upd.get("gid", rf.gid)
                 self.kernel.invalidate_attr(ino)
+                self._audit(caller, ch.CHOWN if ("uid" in upd or "gid" in upd) else ch.CHMOD, f"/{agent}/{name}")
             else:
                 op = ch.CHOWN if ("uid" in upd or "gid" in upd) else ch.CHMOD
                 await self._commit(Change(op, agent, caller.who(), time.time_ns(), attrs={name: upd}))
         # atime/mtime of state files are the version's time: explicit updates are ignored.
         return self._attr(ino)
+
+    def _check_setattr(self, caller: Caller, key: tuple, size, mode, uid, gid, atime_ns, mtime_ns, fh) -> None:
+        """chmod: the owner; chown: privileged (a no-op is fine); chgrp: the owner, to a group
+        it is in; truncate: write permission (or a descriptor open for writing); times:
+        the owner or write permission. EPERM/EACCES, audited."""
+        own, via = self._perms(key)
+        if via and not self.access.allowed(caller, via, X):
+            self._deny(caller, "setattr", self._path(key))
+        cur = own[0] if own else None
+        if cur is None:
+            return
+        path = self._path(key)
+        is_owner = self.access.owns(caller, cur[1])
+        if mode is not None and stat.S_IMODE(mode) != stat.S_IMODE(cur[0]) and not is_owner:
+            self._deny(caller, "chmod", path, errno.EPERM, "only the owner may change the mode")
+        if uid is not None and uid != cur[1] and not self.access.privileged(caller):
+            self._deny(caller, "chown", path, errno.EPERM, "only root or the admin group may change the owner")
+        if gid is not None and gid != cur[2] and not self.access.privileged(caller) \
+                and not (caller.uid == cur[1] and self.access.in_group(caller, gid)):
+            self._deny(caller, "chown", path, errno.EPERM, "only the owner may change the group, to one of its groups")
+        h = self.handles.get(fh) if fh else None
+        if size is not None and not (h is not None and h.writable) and not self.access.allowed(caller, own, W):
+            self._deny(caller, "truncate", path)
+        if (atime_ns is not None or mtime_ns is not None) and not is_owner \
+                and not self.access.allowed(caller, own, W):
+            self._deny(caller, "utimes", path, errno.EPERM, "only the owner may set times")
 
     def _committed(self, agent: str, name: str) -> bool:
         if name == RUNTIME_FILE:
@@ -813,7 +1087,9 @@ class Namespace:
     # -- directories ---------------------------------------------------------------------------
     async def mkdir(self, parent: int, name: str, mode: int, caller: Caller) -> Attr:
         where, agent, sdir = self._parent_dir(parent)
-        perm = stat.S_IMODE(mode) & ~caller.umask
+        if caller.uid != 0:
+            self._check(caller, self.inodes.key(parent), W | X, "mkdir", name)
+        perm, acl = self._new_mode(where, agent, mode, caller)
         if where == "root":
             check_agent_id(name)
             if self.git.agent(name) is not None:
@@ -827,6 +1103,8 @@ class Namespace:
                 raise FsError(errno.EEXIST, f"{name} exists")
             node = self.scratch.new_node(new_ino(self.inodes._keys), stat.S_IFDIR | perm, caller.uid,
                                          caller.gid, name, parent_ino=parent)
+            node.agent = sdir.agent
+            self._inherit_scratch_acl(node, acl)
             self.inodes.bind(node.ino, ("scratch", node))
             sdir.children[name] = node
             sdir.touch()
@@ -834,6 +1112,21 @@ class Namespace:
         attr = self._attr(ino)
         self.inodes.remember(ino)
         return attr
+
+    def _new_mode(self, where: str, agent: str | None, mode: int, caller: Caller) -> tuple[int, list | None]:
+        """Permission bits (and ACL) of something new: the caller's mode and umask, or,
+        in an agent directory with a default ACL, that ACL limited by the mode (POSIX.1e;
+        the kernel has applied the umask to the mode already)."""
+        if where == "agent":
+            view = self.git.agent(agent)
+            default = view.meta.get("default_acl") if view is not None else None
+            if default:
+                return inherit([tuple(e) for e in default], stat.S_IMODE(mode))
+        return stat.S_IMODE(mode) & ~caller.umask & 0o7777, None
+
+    def _inherit_scratch_acl(self, node: ScratchNode, acl) -> None:
+        if acl:
+            self.scratch.set_xattr(node, ACL_XATTR, encode_acl(full_acl(stat.S_IMODE(node.mode), acl)))
 
     def _check_scratch_name(self, where: str, agent: str | None, name: str) -> None:
         if is_reserved(name):
@@ -849,6 +1142,8 @@ class Namespace:
             raise FsError(errno.EROFS, f"{name} is read-only")
         if name == PATCH_DIR:
             raise FsError(errno.EPERM, f"{PATCH_DIR} is part of every agent")
+        if caller.uid != 0:
+            self._check_remove(caller, parent, where, agent, sdir, name, "rmdir")
         if where == "root":
             if is_reserved(name):
                 raise FsError(errno.EPERM, f"{name} is reserved")
@@ -874,6 +1169,8 @@ class Namespace:
 
     async def opendir(self, ino: int, caller: Caller) -> int:
         key = self.inodes.key(ino)
+        if caller.uid != 0:
+            self._check(caller, key, R, "opendir")
         if key[0].startswith("hist-"):
             if key[0] == "hist-commit" and not key[1]:
                 # Lists every agent at a commit: a walk proportional to the store, off the trio thread.
@@ -1045,6 +1342,14 @@ class Namespace:
     async def open(self, ino: int, flags: int, caller: Caller) -> Handle:
         key = self.inodes.key(ino)
         writable = bool(flags & (os.O_WRONLY | os.O_RDWR))
+        readable = flags & os.O_ACCMODE != os.O_WRONLY
+        if caller.uid != 0 and not key[0].startswith("orphan"):
+            # Read-only objects answer a write with EROFS (below), whatever their mode.
+            ro = key[0].startswith("hist-") or key[0] in ("rejected", "events")
+            want = (R if readable else 0) | (W if (writable or flags & os.O_TRUNC) and not ro else 0)
+            self._check(caller, key, want, "open")
+        if readable and self.audit is not None and self.audit.reads and key[0] not in ("scratch", "events"):
+            self._audit(caller, "read", self._path(key))
         fh = self._fh()
         if key[0] == "scratch":
             node: ScratchNode = key[1]
@@ -1133,17 +1438,22 @@ class Namespace:
         moment ago (the kernel still maps the name to it): create it again, same inode."""
         if self.git.agent(agent) is None or self._exists_state(agent, name):
             return ("orphan",)
-        self.pending[(agent, name)] = PendingFile(ino, 0o644 & ~caller.umask, caller.uid, caller.gid,
-                                                  time.time_ns())
+        if caller.uid != 0:
+            self._check(caller, ("agent", agent), W | X, "create", name)
+        perm, acl = self._new_mode("agent", agent, 0o644, caller)
+        self.pending[(agent, name)] = PendingFile(ino, perm, caller.uid, caller.gid, time.time_ns(), acl=acl)
         key = ("state", agent, name)
         self.inodes.bind(ino, key)
         return key
 
     async def create(self, parent: int, name: str, mode: int, flags: int, caller: Caller) -> tuple[Handle, Attr]:
         where, agent, sdir = self._parent_dir(parent)
-        perm = stat.S_IMODE(mode) & ~caller.umask
+        perm, acl = self._new_mode(where, agent, mode, caller)
         if where == "root":
             raise FsError(errno.EPERM, f"{name!r}: only agent directories can be created at the top level")
+        exists = self._exists_state(agent, name) if where == "agent" and is_state(name) else name in sdir.children
+        if caller.uid != 0 and not exists:
+            self._check(caller, self.inodes.key(parent), W | X, "create", name)
         if where == "agent" and is_state(name):
             if self._exists_state(agent, name):
                 if flags & os.O_EXCL:
@@ -1152,7 +1462,8 @@ class Namespace:
                 h = await self.open(ino, flags, caller)
             else:
                 fid = new_ino(self.inodes._keys) if is_durable(name) else None
-                self.pending[(agent, name)] = PendingFile(fid or 0, perm, caller.uid, caller.gid, time.time_ns())
+                self.pending[(agent, name)] = PendingFile(fid or 0, perm, caller.uid, caller.gid, time.time_ns(),
+                                                          acl=acl)
                 ino = self._state_ino(agent, name)
                 if fid is None:
                     self.pending[(agent, name)].fid = ino
@@ -1175,6 +1486,8 @@ class Namespace:
         else:
             node = self.scratch.new_node(new_ino(self.inodes._keys), stat.S_IFREG | perm, caller.uid,
                                          caller.gid, name)
+            node.agent = sdir.agent
+            self._inherit_scratch_acl(node, acl)
             self.inodes.bind(node.ino, ("scratch", node))
             sdir.children[name] = node
             sdir.touch()
@@ -1249,6 +1562,8 @@ class Namespace:
             p = self.pending.get((h.agent, h.name))
             if h.created and p is not None and p.fid == h.ino:
                 attrs = {"mode": p.mode, "uid": p.uid, "gid": p.gid}
+                if p.acl:
+                    attrs["acl"] = p.acl
             try:
                 result = await self._save(h.agent, h.name, data, h.who, attrs=attrs, fid=h.fid,
                                           create=h.created, rtfile=h.rtfile if not h.created else None,
@@ -1386,6 +1701,8 @@ class Namespace:
         if where == "root":
             raise FsError(errno.EISDIR if self.git.agent(name) is not None else errno.ENOENT,
                           f"{name} is an agent directory (use rmdir / rm -r)")
+        if caller.uid != 0:
+            self._check_remove(caller, parent, where, agent, sdir, name, "unlink")
         if where == "agent" and is_state(name):
             p = self.pending.get((agent, name))
             if p is not None and not self._committed(agent, name):
@@ -1399,6 +1716,7 @@ class Namespace:
                 if not self.runtime.remove(agent):
                     raise FsError(errno.ENOENT, f"{agent}/{name} does not exist")
                 self.events.emit(ch.DELETE, agent, name, uid=caller.uid, pid=caller.pid)
+                self._audit(caller, ch.DELETE, f"/{agent}/{name}")
                 if ino is not None:
                     for h in self.by_ino.get(ino, ()):
                         h.orphan = True
@@ -1428,6 +1746,9 @@ class Namespace:
             raise FsError(errno.EXDEV, "agent directories are moved by copy (EXDEV)")
         if dwhere == "agent" and is_reserved(new) or swhere == "agent" and is_reserved(old):
             raise FsError(errno.EINVAL, "names starting with '@' are reserved")
+        if caller.uid != 0:
+            self._check_remove(caller, parent_old, swhere, sagent, sdir, old, "rename")
+            self._check_remove(caller, parent_new, dwhere, dagent, ddir, new, "rename")
         src_state = swhere == "agent" and is_state(old)
         dst_state = dwhere == "agent" and is_state(new)
         exists = self._exists_state(dagent, new) if dst_state else new in ddir.children
@@ -1458,7 +1779,8 @@ class Namespace:
             if node.is_link:
                 raise FsError(errno.EINVAL, f"{old} is a symbolic link; {new} is a state file")
             check_size(node.size, self.opts.max_size)     # before a sparse file is read out
-            attrs = {"mode": stat.S_IMODE(node.mode), "uid": node.uid, "gid": node.gid}
+            attrs = {"mode": stat.S_IMODE(node.mode), "uid": node.uid, "gid": node.gid,
+                     "acl": self._scratch_perm(node)[3]}
             data = node.content()
             cond = node.xattrs.get(IF_VERSION)
             expect = parse_if_version(cond) if cond is not None else None
@@ -1502,9 +1824,17 @@ class Namespace:
         ddir.children[new] = node
         if node.is_dir:
             node.parent_ino = parent_new
+        if node.agent != ddir.agent:
+            self._set_agent(node, ddir.agent)
         node.ctime_ns = time.time_ns()
         sdir.touch()
         ddir.touch()
+
+    @staticmethod
+    def _set_agent(node: ScratchNode, agent: str | None) -> None:
+        node.agent = agent
+        for c in node.children.values():
+            Namespace._set_agent(c, agent)
 
     @staticmethod
     def _is_inside(d: ScratchNode, node: ScratchNode) -> bool:
@@ -1530,9 +1860,11 @@ class Namespace:
         sdir.touch()
         ddir.touch()
 
-    def _scratch_target(self, parent: int, name: str) -> ScratchNode:
+    def _scratch_target(self, parent: int, name: str, caller: Caller, op: str) -> ScratchNode:
         """The scratch directory a new link named ``name`` goes into (EEXIST if taken)."""
         where, agent, sdir = self._parent_dir(parent)
+        if caller.uid != 0:
+            self._check(caller, self.inodes.key(parent), W | X, op, name)
         if where == "root":
             raise FsError(errno.EPERM, f"{name!r}: only agent directories can be created at the top level")
         if where == "agent" and is_state(name):
@@ -1558,7 +1890,7 @@ class Namespace:
             raise FsError(errno.ENOENT, "file was removed")
         if node.nlink >= LINK_MAX:
             raise FsError(errno.EMLINK, f"a file has at most {LINK_MAX} links (as on ext4)")
-        sdir = self._scratch_target(parent, name)
+        sdir = self._scratch_target(parent, name, caller, "link")
         self.scratch.charge_name(node, name)
         sdir.children[name] = node
         node.nlink += 1
@@ -1573,9 +1905,10 @@ class Namespace:
         target = bytes(target)
         if not target or len(target) > 4095:
             raise FsError(errno.ENAMETOOLONG if target else errno.ENOENT, "bad symbolic link target")
-        sdir = self._scratch_target(parent, name)
+        sdir = self._scratch_target(parent, name, caller, "symlink")
         node = self.scratch.new_node(new_ino(self.inodes._keys), stat.S_IFLNK | 0o777, caller.uid,
                                      caller.gid, name, target=target)
+        node.agent = sdir.agent
         self.inodes.bind(node.ino, ("scratch", node))
         sdir.children[name] = node
         sdir.touch()
@@ -1611,13 +1944,106 @@ class Namespace:
         out.update(self._rejected_xattrs(agent, name))
         return out
 
+    def _acl_of(self, key: tuple, name: str) -> bytes | None:
+        """The binary ACL (access or default) of an object, None when it has none."""
+        kind = key[0]
+        meta = None
+        if kind == "agent":
+            view = self.git.agent(key[1])
+            meta = view.meta if view is not None else None
+        elif kind == "hist-agent":
+            past = self.git.agent_at(key[2], key[3])
+            meta = past.meta if past is not None else None
+        elif kind == "hist-commit" and key[1]:
+            past = self.git.agent_at(key[3], key[1])
+            meta = past.meta if past is not None else None
+        if meta is not None:
+            if name == DEFAULT_ACL_XATTR:
+                d = meta.get("default_acl")
+                return encode_acl([tuple(e) for e in d]) if d else None
+            return encode_acl(full_acl(meta.get("mode", 0o755), meta["acl"])) if meta.get("acl") else None
+        if name == DEFAULT_ACL_XATTR:
+            return None
+        if kind == "state":
+            fp = self._file_perm(key[1], key[2])
+        elif kind == "hist-file":
+            past = self.git.agent_at(key[1], key[2])
+            fm = past.file_meta(key[3]) if past is not None else None
+            fp = (fm["mode"], fm["uid"], fm["gid"], fm.get("acl")) if fm else None
+        elif kind == "scratch":
+            return key[1].xattrs.get(ACL_XATTR)
+        else:
+            fp = None
+        return encode_acl(full_acl(fp[0], fp[3])) if fp and fp[3] else None
+
+    async def _set_acl(self, ino: int, key: tuple, name: str, value: bytes | None, caller: Caller) -> None:
+        """setfacl/getfacl: ACLs of agent directories, state files and scratch nodes,
+        stored (durable ones in meta.json, versioned) and enforced by ``_check``.
+        Only the owner (or a privileged caller) may change them (EPERM)."""
+        kind = key[0]
+        entries = parse_acl(value) if value is not None else None      # EINVAL on anything malformed
+        own, via = self._perms(key)
+        path = self._path(key)
+        if kind not in ("agent", "state", "scratch") or not own:
+            raise FsError(errno.ENOTSUP, f"{path}: ACLs are kept on agent directories, state files and scratch files")
+        if caller.uid != 0:
+            if via and not self.access.allowed(caller, via, X):
+                self._deny(caller, "setfacl", path)
+            if not self.access.owns(caller, own[0][1]):
+                self._deny(caller, "setfacl", path, errno.EPERM, "only the owner may change the ACL")
+        mode = own[0][0]
+        if name == DEFAULT_ACL_XATTR:
+            if kind == "state" or (kind == "scratch" and not key[1].is_dir):
+                raise FsError(errno.EACCES, f"{path}: a default ACL needs a directory")
+            if kind == "scratch":
+                raise FsError(errno.ENOTSUP, f"{path}: default ACLs are kept on agent directories")
+            d = [list(e) for e in entries] if entries else None
+            await self._commit(Change(ch.CHMOD, key[1], caller.who(), time.time_ns(), attrs={"": {"default_acl": d}}))
+            return
+        new_mode, ext = split_acl(entries, mode) if entries else (mode, None)
+        if kind == "scratch":
+            node: ScratchNode = key[1]
+            node.mode = stat.S_IFMT(node.mode) | new_mode
+            if ext:
+                self.scratch.set_xattr(node, ACL_XATTR, encode_acl(full_acl(new_mode, ext)))
+            else:
+                self.scratch.remove_xattr(node, ACL_XATTR)
+            node.ctime_ns = time.time_ns()
+            return
+        upd = {"mode": new_mode, "acl": ext}
+        if kind == "agent":
+            await self._commit(Change(ch.CHMOD, key[1], caller.who(), time.time_ns(), attrs={"": upd}))
+            return
+        agent, fname = key[1], key[2]
+        p = self.pending.get((agent, fname))
+        if p is not None and p.fid == ino and not self._committed(agent, fname):
+            p.mode, p.acl = new_mode, ext
+        elif fname == RUNTIME_FILE:
+            rf = self.runtime.get(agent)
+            if rf is None:
+                raise FsError(errno.ENOENT, f"{agent}/{fname} does not exist")
+            rf.mode, rf.acl = new_mode, ext
+            self._audit(caller, "setfacl", path)
+        else:
+            await self._commit(Change(ch.CHMOD, agent, caller.who(), time.time_ns(), attrs={fname: upd}))
+        self.kernel.invalidate_attr(ino)
+
     async def getxattr(self, ino: int, name: str, caller: Caller) -> bytes:
         key = self.inodes.key(ino)
+        if name in ACL_XATTRS:
+            if caller.uid != 0:
+                self._check(caller, key, 0, "getxattr")
+            value = self._acl_of(key, name)
+            if value is None:
+                raise FsError(errno.ENODATA, f"no attribute {name}")
+            return value
         if key[0] != "scratch" and not name.startswith("user.agentstatefs."):
             # The kernel asks for security.capability before every write: answer at once.
             raise FsError(errno.ENODATA, f"no attribute {name}")
         if key[0] == "root" and name in self._root_xattrs():
             return self._root_xattrs()[name]
+        if caller.uid != 0:
+            self._check(caller, key, R, "getxattr")
         if key[0] == "scratch":
             value = key[1].xattrs.get(name)
         elif key[0].startswith("hist-"):
@@ -1672,15 +2098,19 @@ class Namespace:
         key = self.inodes.key(ino)
         if key[0] == "root":
             return list(self._root_xattrs())
+        if caller.uid != 0:
+            self._check(caller, key, R, "listxattr")
         if key[0] == "scratch":
             return list(key[1].xattrs)
+        acls = [n for n in ACL_XATTRS if key[0] in ("agent", "state", "hist-file", "hist-agent")
+                and self._acl_of(key, n) is not None]
         if key[0] == "state":
-            return list(self._state_xattrs(key[1], key[2]))
+            return list(self._state_xattrs(key[1], key[2])) + acls
         if key[0] == "rejected":
             return list(self._rejected_xattrs(key[1], key[2]))
         if key[0].startswith("hist-"):
-            return list(self.history.xattrs(key))
-        return []
+            return list(self.history.xattrs(key)) + acls
+        return acls
 
     async def setxattr(self, ino: int, name: str, value: bytes, caller: Caller) -> None:
         key = self.inodes.key(ino)
@@ -1690,6 +2120,13 @@ class Namespace:
         if key[0].startswith("hist-") or key[0] in ("rejected-dir", "rejected"):
             raise FsError(errno.EROFS, "history is read-only" if key[0].startswith("hist-")
                           else f"{REJECTED_DIR} is read-only")
+        if name in ACL_XATTRS:
+            if len(value) > XATTR_VALUE_MAX:
+                raise FsError(errno.E2BIG, "attribute value too large")
+            await self._set_acl(ino, key, name, value, caller)
+            return
+        if caller.uid != 0:
+            self._check(caller, key, W, "setxattr")
         if key[0] != "scratch":
             if name == IF_VERSION and key[0] == "state":
                 raise FsError(errno.EINVAL, f"{key[1]}/{key[2]}: {IF_VERSION} goes on a scratch file that is "
@@ -1705,5 +2142,14 @@ class Namespace:
 
     async def removexattr(self, ino: int, name: str, caller: Caller) -> None:
         key = self.inodes.key(ino)
+        if name in ACL_XATTRS:
+            if key[0].startswith("hist-") or key[0] in ("rejected-dir", "rejected"):
+                raise FsError(errno.EROFS, "read-only")
+            if self._acl_of(key, name) is None:
+                raise FsError(errno.ENODATA, "no such attribute")
+            await self._set_acl(ino, key, name, None, caller)
+            return
+        if caller.uid != 0:
+            self._check(caller, key, W, "removexattr")
         if key[0] != "scratch" or not self.scratch.remove_xattr(key[1], name):
             raise FsError(errno.ENODATA, "no such attribute")

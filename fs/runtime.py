@@ -23,6 +23,7 @@ class RuntimeFile:
     gid: int
     versions: deque = field(default_factory=deque)
     counter: int = 0
+    acl: list | None = None      # extended ACL entries (fs/access.py)
 
     @property
     def current(self) -> RuntimeVersion:

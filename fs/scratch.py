@@ -59,6 +59,7 @@ class ScratchNode:
     opens: int = 0        # open handles
     charged: int = 0      # bytes of the cap held for the node itself (cost, names, xattrs)
     freed: bool = False
+    agent: str | None = None   # the agent directory it lives in (permission checks)
 
     @property
     def is_dir(self) -> bool:

@@ -243,6 +243,7 @@ class Store:
             def carried(name: str) -> dict:
                 fm = view.file_meta(name) or {}
                 out = {k: fm[k] for k in ("mode", "uid", "gid", "mtime_ns") if k in fm}
+                out["acl"] = fm.get("acl")     # the moved file's ACL (or none), not the target's
                 out["fid"] = view.fid(c.agent, name)
                 return out
             if c.op == ch.RENAME:
@@ -271,7 +272,7 @@ class Store:
                 attrs["fid"] = want
             else:
                 name = holder
-                attrs.pop("mode", None), attrs.pop("uid", None), attrs.pop("gid", None)
+                attrs.pop("mode", None), attrs.pop("uid", None), attrs.pop("gid", None), attrs.pop("acl", None)
         elif want is not None:
             attrs["fid"] = want
         op, note = c.op, c.note

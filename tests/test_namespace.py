@@ -38,7 +38,7 @@ async def mounted(tmp_path, **opts):
     options = MountOptions()
     for k, v in opts.items():
         setattr(options, k, v)
-    ns = Namespace(store, sm, options)
+    ns = Namespace(store, sm, options, root_owner=(ALICE.uid, ALICE.gid))   # alice mounted it
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(sm.run_committer)
