@@ -2074,7 +2074,8 @@ class Namespace:
         """prune/gc asked for through the mount root: the operator only (root or the
         daemon's own user); the state manager runs it in the background."""
         if caller.uid not in (0, os.getuid()):
-            raise FsError(errno.EPERM, f"only root or uid {os.getuid()} may {name.rsplit('.', 1)[-1]}")
+            self._deny(caller, name.rsplit('.', 1)[-1], "/", errno.EPERM,
+                       f"only root or uid {os.getuid()} may {name.rsplit('.', 1)[-1]}")
         if self.store.readonly:
             raise FsError(errno.EROFS, "mounted read-only")
         try:
