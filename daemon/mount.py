@@ -80,10 +80,11 @@ def clean_stale_mount(mountpoint: str) -> None:
 def _first_fetch(repo: str, url: str) -> None:
     """--replica: fetch the remote before serving; without it, serve the local copy if
     there is one (with a warning), else refuse to start."""
+    from ..fs.monitor import redact_url
     from ..fs.replica import fetch
     try:
         head = fetch(repo, url)
-        log.info("replica: fetched %s from %s", head, url)
+        log.info("replica: fetched %s from %s", head, redact_url(url))
     except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
         if os.path.exists(os.path.join(repo, "refs", "heads", "main")):
             log.warning("replica: %s; serving the local copy until a fetch succeeds", exc)
@@ -347,7 +348,7 @@ def run(repo: str, mountpoint: str, options: MountOptions, *, foreground: bool,
         from ..fs.replicate import Replicator
         replicator = Replicator(repo, options.replicate, options.replicate_interval).start()
         sm.replication = replicator.stats
-        log.info("replicating main to %s every %g s", options.replicate, options.replicate_interval)
+        log.info("replicating main to %s every %g s", replicator.shown, options.replicate_interval)
     if options.replica:
         from ..fs.replica import ReplicaFollower
         follower = ReplicaFollower(store, options.replica, options.replica_interval, lambda g: sm.on_publish(g))

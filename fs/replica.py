@@ -21,6 +21,7 @@ import pygit2
 import trio
 from pygit2.enums import ObjectType
 
+from .monitor import redact_url
 from .replicate import BRANCH, check_url, git_env, read_main
 from .store import Group
 
@@ -46,7 +47,7 @@ def fetch(repo_dir: str, url: str, timeout: float = 600.0) -> str | None:
         err = r.stderr.strip()
         if "couldn't find remote ref" in err:
             return read_main(repo_dir)
-        raise RuntimeError(f"git fetch {url} failed: {err[-500:]}")
+        raise RuntimeError(f"git fetch {redact_url(url)} failed: {err[-500:]}")
     return read_main(repo_dir)
 
 
@@ -86,6 +87,7 @@ class ReplicaStats:
 
     def to_json(self) -> dict:
         d = dict(self.__dict__)
+        d["url"] = redact_url(self.url)
         d["behind_seconds"] = round(time.time() - self.last_fetch, 3) if self.last_fetch else None
         return d
 
@@ -129,7 +131,7 @@ class ReplicaFollower:
             if r.returncode != 0:
                 s.errors += 1
                 s.last_error = r.stderr.decode(errors="replace").strip()[-500:]
-                log.error("replica: fetching %s failed: %s", self.url, s.last_error)
+                log.error("replica: fetching %s failed: %s", redact_url(self.url), s.last_error)
                 continue
             s.fetches += 1
             s.last_fetch = time.time()

@@ -29,6 +29,7 @@ import threading
 import time
 
 from .metrics import metrics
+from .monitor import redact_url
 from .prune import read_record
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,9 @@ class ReplicationStats:
         self.last_error_time = 0.0
 
     def to_json(self) -> dict:
-        return dict(self.__dict__)
+        d = dict(self.__dict__)
+        d["url"] = redact_url(self.url)      # the root xattr is readable by every user of the mount
+        return d
 
 
 class Replicator:
@@ -98,6 +101,7 @@ class Replicator:
         self.url = check_url(url)
         self.interval = interval
         self.stats = ReplicationStats(url)
+        self.shown = redact_url(url)       # for log lines
         self._state_path = os.path.join(self.repo_dir, "agentstatefs", "replicate.json")
         self.stats.pushed = self._load_pushed()
         self._stop = threading.Event()
@@ -209,11 +213,11 @@ class Replicator:
                 s.errors += 1
                 s.last_error, s.last_error_time = str(exc), time.time()
                 metrics.replication_errors.inc()
-                log.error("replication to %s: %s", self.url, exc)
+                log.error("replication to %s: %s", self.shown, exc)
                 return False
             if forced:
                 s.forced += 1
-                log.info("replication: %s rewritten on %s (after a prune), with lease", BRANCH, self.url)
+                log.info("replication: %s rewritten on %s (after a prune), with lease", BRANCH, self.shown)
             s.pushed, s.pushes, s.last_push = sha, s.pushes + 1, time.time()
             s.lag_seconds, s.lag_commits = 0.0, 0
             self._save_pushed(sha)
@@ -258,4 +262,4 @@ class Replicator:
                     done.set()
             threading.Thread(target=last, name="replicate-final", daemon=True).start()
             if not done.wait(timeout):
-                log.warning("replication: final push to %s did not finish within %.0f s", self.url, timeout)
+                log.warning("replication: final push to %s did not finish within %.0f s", self.shown, timeout)
