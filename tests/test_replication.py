@@ -112,9 +112,8 @@ def test_replicate_to_git_daemon_and_replica_follows(mounts, git_daemon):
     rs = xattr_json(r.mp, "user.agentstatefs.replication")
     assert rs["head"] == head and rs["updates"] >= 1 and rs["errors"] == 0
     # the writer's replication shows up in @metrics (prometheus text)
-    text = read(w / "@metrics") if os.path.exists(w / "@metrics") else ""
-    if text:
-        assert "agentstatefs_replication_pushes" in text
+    text = read(w / "@metrics")
+    assert "agentstatefs_replication_pushes" in text and "agentstatefs_replication_lag_seconds 0.0" in text
     assert w.stop() == 0
     assert r.stop() == 0
     # the remote is a complete, valid copy

@@ -464,3 +464,32 @@ def test_gc_while_writing_loses_nothing(mounts):
     assert m.commit_count() == 3 + len(written)
     assert m.stop() == 0
     assert_fsck_clean(m.repo)
+
+
+def test_prune_progress_only_on_a_terminal(tmp_path):
+    """Progress lines go to stderr when it is a terminal, and nowhere otherwise."""
+    import pty
+    repo = tmp_path / "repo"
+    offline_repo(repo, [9, 8, 7, 6, 5, 4, 3, 2, 1])
+    r = cli("prune", "--repo", str(repo), "--keep-last", "8")
+    assert r.stderr == "" and "kept 8" in r.stdout
+    master, slave = pty.openpty()
+    try:
+        p = subprocess.Popen(CLI + ["prune", "--repo", str(repo), "--keep-last", "4"],
+                             stdout=subprocess.PIPE, stderr=slave, text=True)
+        os.close(slave)
+        out = p.stdout.read()
+        assert p.wait(timeout=60) == 0
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        os.close(master)
+    assert "kept 4" in out
+    assert b"prune: rewriting" in seen and b"\x1b[K" in seen, seen
