@@ -351,7 +351,8 @@ def run(repo: str, mountpoint: str, options: MountOptions, *, foreground: bool,
         log.info("replicating main to %s every %g s", replicator.shown, options.replicate_interval)
     if options.replica:
         from ..fs.replica import ReplicaFollower
-        follower = ReplicaFollower(store, options.replica, options.replica_interval, lambda g: sm.on_publish(g))
+        follower = ReplicaFollower(store, options.replica, options.replica_interval,
+                                   lambda g: sm.on_publish(g), lambda summary: sm.on_rewrite(summary))
         sm.replication = follower.stats
         sm.background.append(follower.run)
     metrics.slow_commit_s = options.slow_commit_ms / 1000

@@ -221,11 +221,11 @@ class CommitIndex:
                 os.replace(tmp, self.path)
                 self._file = open(self.path, "a")
 
-    def advance(self, head: pygit2.Oid) -> int:
+    def advance(self, head: pygit2.Oid) -> tuple[int, bool]:
         """Bring the index up to ``head`` (a replica's fetch moved ``main``): only the
         commits it lacks are read, outside the lock; a rewritten history (a prune on the
         writer) shares no commit with the index and is read anew. Returns how many
-        commits were read."""
+        commits were read, and whether entries were dropped (history rewritten)."""
         with self._lock:
             known = dict(self._pos)
         missing: list[pygit2.Commit] = []
@@ -243,7 +243,8 @@ class CommitIndex:
             oid = commit.parent_ids[0]
         new = [self._entry_from_commit(c) for c in reversed(missing)]
         with self._lock:
-            if keep != len(self.entries):
+            rewritten = keep != len(self.entries)
+            if rewritten:
                 kept = self.entries[:keep]
                 self.entries, self._pos, self._by_agent, self._versions, self._last = [], {}, {}, {}, {}
                 self._sorted = None
@@ -251,7 +252,7 @@ class CommitIndex:
                     self._add(e)
             for e in new:
                 self._add(e)
-        return len(new)
+        return len(new), rewritten
 
     def snapshot(self, upto: str | None = None) -> list[Entry]:
         """The entries up to commit ``upto`` (all when None), oldest first."""

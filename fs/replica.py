@@ -95,15 +95,16 @@ class ReplicaStats:
 class ReplicaFollower:
     """Fetches ``url`` every ``interval`` seconds and publishes a moved ``main``."""
 
-    def __init__(self, store, url: str, interval: float, publish):
+    def __init__(self, store, url: str, interval: float, publish, rewrite=lambda summary: None):
         self.store = store
         self.url = check_url(url)
         self.interval = interval
         self.publish = publish           # Namespace.publish, via the state manager
+        self.rewrite = rewrite           # Namespace.rewrite: drop cached @history of vanished commits
         self.stats = ReplicaStats(url)
         self.stats.head = str(store.git.head) if store.git.head is not None else None
 
-    def _prepare(self, new_hex: str) -> Group:
+    def _prepare(self, new_hex: str) -> tuple[Group, bool]:
         """Worker thread: the changed agents' views at the new head, the commit index
         brought up to it, the store's own head moved."""
         store = self.store
@@ -113,10 +114,10 @@ class ReplicaFollower:
         new_root = git.repo[new].tree
         agents = changed_agents(git.repo, old_root, new_root)
         views = {a: git.load_agent(new_root, a) for a in agents}
-        store.history.advance(new)
+        _, rewritten = store.history.advance(new)
         git.rewind(new, agents)
         store.flushed_head = new
-        return Group([], new, views, [])
+        return Group([], new, views, []), rewritten
 
     async def run(self) -> None:
         s = self.stats
@@ -139,8 +140,10 @@ class ReplicaFollower:
             if new is None or new == s.head:
                 continue
             try:
-                group = await trio.to_thread.run_sync(self._prepare, new)
+                group, rewritten = await trio.to_thread.run_sync(self._prepare, new)
                 self.publish(group)
+                if rewritten:      # a prune on the writer: cached @history names may be gone
+                    self.rewrite({"new_head": new})
             except Exception:
                 s.errors += 1
                 log.exception("replica: moving to %s failed (will retry)", new)

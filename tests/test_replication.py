@@ -134,6 +134,8 @@ def test_replicate_file_remote_prune_force_with_lease(mounts, tmp_path):
     r = mounts("r")
     r.start("replica_interval=0.2", extra=("--replica", url))
     assert len(os.listdir(r / "@history")) == 11
+    oldest = sorted(os.listdir(r / "@history"), key=lambda h: os.stat(r / "@history" / h).st_mtime)[0]
+    assert os.path.isdir(r / "@history" / oldest / "a1")      # cached by the kernel (full id: 1 h)
     # a prune rewrites main: force-pushed with lease, and the replica follows the new chain
     subprocess.run(CLI + ["prune", "--repo", str(w.repo), "--keep-last", "3"], check=True, capture_output=True)
     head = settled_head(w)
@@ -143,6 +145,8 @@ def test_replicate_file_remote_prune_force_with_lease(mounts, tmp_path):
     assert xattr_json(w.mp, "user.agentstatefs.replication")["forced"] == 1
     wait_for(lambda: os.getxattr(r.mp, "user.agentstatefs.head").decode() == head, "the replica after prune")
     assert len(os.listdir(r / "@history")) == 3
+    with pytest.raises(FileNotFoundError):
+        os.stat(r / "@history" / oldest)
     assert json.loads(read(r / "a1/config.json")) == {"i": 9}
     # another writer moves the remote: the lease protects its commit, errors are reported
     other = tmp_path / "other"
