@@ -192,9 +192,10 @@ async def _serve(ops: AgentFS, sm: StateManager, mountpoint: str, on_ready, noti
         # Combining the per-group packs is part of the storage engine: it runs whatever
         # pack_every says (0 only turns off the commit-count trigger).
         nursery.start_soon(sm.run_packer, ops.opts.pack_every or None, 5.0)
-        nursery.start_soon(_watch_signals, sm)
+        nursery.start_soon(_watch_signals, sm, ops.ns)
         nursery.start_soon(ops.ns.monitor.run)   # warnings, repository size (fs/monitor.py)
         nursery.start_soon(_watch_sighup, ops.ns.audit)
+        nursery.start_soon(ops.ns.run_removals)
         if notifier is not None:  # systemd: READY=1 once the mount answers, watchdog, STATUS
             nursery.start_soon(notifier)
         nursery.start_soon(_ready_when_answering, mountpoint, on_ready)
@@ -202,6 +203,7 @@ async def _serve(ops: AgentFS, sm: StateManager, mountpoint: str, on_ready, noti
         await pyfuse3.main()
         # The FUSE loop ended (unmounted, or terminate() after a signal).
         sdnotify.stopping("unmounted; finishing in-flight commits")
+        await ops.ns.settle_removals()
         await sm.quiesce()
         nursery.cancel_scope.cancel()
 
@@ -228,12 +230,13 @@ async def _watch_sighup(audit) -> None:
                 log.info("SIGHUP: nothing to reopen (no -o audit)")
 
 
-async def _watch_signals(sm: StateManager) -> None:
+async def _watch_signals(sm: StateManager, ns) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             log.info("received %s: finishing in-flight commits and unmounting",
                      signal.Signals(signum).name)
             sdnotify.stopping(f"{signal.Signals(signum).name}: finishing in-flight commits, unmounting")
+            await ns.settle_removals()
             await sm.quiesce()
             pyfuse3.terminate()
             return

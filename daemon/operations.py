@@ -243,7 +243,7 @@ class AgentFS(pyfuse3.Operations):
 
     @handler
     async def fsyncdir(self, fh, datasync):
-        return  # every acknowledged change is already durable
+        await self.ns.fsyncdir(fh)   # parked removals of the directory (fs/removals.py)
 
     # -- files ---------------------------------------------------------------------------
     @staticmethod

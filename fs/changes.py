@@ -29,7 +29,9 @@ CHMOD = "chmod"          # mode change (agent dir or state file)
 CHOWN = "chown"          # owner/group change
 RESTORE = "restore"      # a past version copied back (restore verb, or cp out of @history; note = its commit)
 EXCHANGE = "exchange"    # RENAME_EXCHANGE of two state files (contents and metadata swap)
-OPS = (WRITE, DELETE, RENAME, MKDIR, RMDIR, CHMOD, CHOWN, RESTORE, EXCHANGE)
+TOUCH = "touch"          # user-set mtime/atime of a state file (utimensat: touch -d, rsync, tar)
+MOVE = "move"            # agent renamed (mv M/a M/b): ``agent`` is the old id, ``move`` = (old, new)
+OPS = (WRITE, DELETE, RENAME, MKDIR, RMDIR, CHMOD, CHOWN, RESTORE, EXCHANGE, TOUCH, MOVE)
 
 PATCH = "patch"          # intent only: apply files[name] (a merge patch or JSON Patch) to the
                          # current content; resolved into a WRITE (note: the kind of patch)
@@ -100,7 +102,8 @@ class Change:
 
     ``files`` maps a durable file name to its new content, or to None to remove it.
     ``attrs`` holds attribute updates: ``{"": {...}}`` for the agent directory itself
-    and ``{"config.json": {...}}`` for a file (keys: mode, uid, gid, fid, mtime_ns).
+    and ``{"config.json": {...}}`` for a file (keys: mode, uid, gid, fid, mtime_ns, atime_ns;
+    on a WRITE, mtime_ns/atime_ns are times the caller set, kept instead of the commit time).
 
     Intent-only fields, resolved by the store (``Store.resolve``):
     ``fids`` names the file identity a write or delete is meant for (the inode the
@@ -173,6 +176,8 @@ class Change:
             src = [n for n, v in self.files.items() if v is None]
             dst = [n for n, v in self.files.items() if v is not None]
             target = f"{self.agent}/{src[0] if src else '?'} -> {dst[0] if dst else '?'}"
+        elif self.op == MOVE and self.move:
+            target = f"{self.move[0]}/ -> {self.move[1]}/"
         elif self.op == EXCHANGE and self.move:
             target = f"{self.agent}/{self.move[0]} <-> {self.move[1]}"
         sizes = [len(v) for v in self.files.values() if v is not None]
@@ -185,7 +190,9 @@ class Change:
     def message(self) -> str:
         w = self.who
         trailers = [
-            f"Agent: {self.agent}",
+            # A moved agent's history continues under its new id (``From`` is the old one).
+            f"Agent: {self.move[1] if self.op == MOVE and self.move else self.agent}",
+            *([f"From: {self.move[0]}"] if self.op == MOVE and self.move else []),
             f"Files: {', '.join(sorted(self.files)) or '-'}",
             f"Op: {self.op}",
             f"Uid: {w.uid}",

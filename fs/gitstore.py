@@ -568,9 +568,9 @@ class GitStore:
             return None
         return pygit2.Oid(raw=e[1])
 
-    def _new_root(self, agent: str, agent_tree: pygit2.Oid | None) -> pygit2.Oid:
+    def _new_root(self, agent: str, agent_tree: pygit2.Oid | None, base=False) -> pygit2.Oid:
         a, b = fanout(agent)
-        root_entries = self._entries(self._root_id)
+        root_entries = self._entries(self._root_id if base is False else base)
         l1 = self._child_oid(root_entries, a)
         l2 = self._child_oid(self._entries(l1), b)
         new_l2 = self._replace(l2, agent, agent_tree)
@@ -634,6 +634,22 @@ class GitStore:
                 if view.files:
                     raise FsError(errno.ENOTEMPTY, f"agent {agent} still has {', '.join(sorted(view.files))}")
                 new_view = None
+            elif change.op == ch.MOVE:
+                dst = change.move[1]
+                if self.agent(dst) is not None:
+                    raise FsError(errno.ENOTEMPTY, f"agent {dst} exists")
+                meta = json.loads(json.dumps(view.meta))
+                meta["id"] = dst
+                for name in view.files:
+                    fm = meta.setdefault("files", {}).get(name)
+                    if fm is not None and not fm.get("fid"):
+                        fm["fid"] = view.fid(agent, name)   # the file keeps its number
+                files = dict(view.files)
+                if self.codec.encrypted:
+                    # Sealed blobs are bound to their place: seal them anew for the new id.
+                    files = {n: self._blob(self.seal(dst, n, self.read_blob(oid, agent, n)))
+                             for n, oid in files.items()}
+                new_view = AgentView(meta=meta, files=files)
             else:
                 new_view = self._updated_view(view, change)
                 if new_view is None:
@@ -641,13 +657,18 @@ class GitStore:
             if new_view is None:
                 agent_tree = None
             else:
-                meta_blob = self.seal(agent, META_FILE, _encode_meta(new_view.meta))
+                home = change.move[1] if change.op == ch.MOVE else agent
+                meta_blob = self.seal(home, META_FILE, _encode_meta(new_view.meta))
                 entries = {META_FILE: (int(FileMode.BLOB), self._blob(meta_blob).raw)}
                 for name, oid in new_view.files.items():
                     entries[name] = (int(FileMode.BLOB), oid.raw)
                 agent_tree = self._tree_write(entries)
                 new_view.tree = agent_tree
-            root = self._new_root(agent, agent_tree)
+            if change.op == ch.MOVE:
+                # One commit: the subtree leaves the old id's place and appears at the new one.
+                root = self._new_root(change.move[1], agent_tree, base=self._new_root(agent, None))
+            else:
+                root = self._new_root(agent, agent_tree)
             author, committer = signature_for(change.who, change.time_ns)
             parents = [self._head] if self._head is not None else []
             oid = self._commit_write(root, parents, author, committer, change.message())
@@ -659,6 +680,12 @@ class GitStore:
                 self.write_ref(oid)
             self._head = oid
             self._set_root_id(root)
+            if change.op == ch.MOVE:
+                self._cache_agent(agent, None)
+                self._cache_agent(change.move[1], new_view)
+                self._agent_listed(agent, False)
+                self._agent_listed(change.move[1], True)
+                return oid
             self._cache_agent(agent, new_view)
             self._agent_listed(agent, new_view is not None)
             return oid
@@ -684,7 +711,9 @@ class GitStore:
             # Same bytes and metadata: no new version. A rename onto the name with the same
             # content (temp file + rename) keeps the file's identity then; only a move
             # between state names carries its identity along (the kernel's dentry moves).
-            ignored = ("mtime_ns",) if change.op in (ch.RENAME, ch.EXCHANGE) else ("mtime_ns", "fid")
+            # Times count only when the caller set them (a WRITE carries mtime_ns/atime_ns then).
+            # An access time alone is never a new version (reading a source for cp -a moves it).
+            ignored = ("mtime_ns", "atime_ns") if change.op in (ch.RENAME, ch.EXCHANGE) else ("fid", "atime_ns")
             if files.get(name) == oid and all(prev.get(k) == v for k, v in attrs.items() if k not in ignored):
                 continue
             versions[name] = versions.get(name, 0) + 1
@@ -695,6 +724,8 @@ class GitStore:
                 "size": len(data), "mtime_ns": attrs.get("mtime_ns", change.time_ns),
                 "version": versions[name],
             }
+            if "atime_ns" in attrs:
+                fmeta[name]["atime_ns"] = attrs["atime_ns"]
             fid = attrs.get("fid", prev.get("fid"))
             if fid:
                 fmeta[name]["fid"] = fid
@@ -703,6 +734,16 @@ class GitStore:
                 fmeta[name]["acl"] = acl
             files[name] = oid
             changed = True
+        if change.op == ch.TOUCH:
+            for name, attrs in change.attrs.items():
+                target = fmeta.get(name)
+                if target is None:
+                    raise FsError(errno.ENOENT, f"{change.agent}/{name} does not exist")
+                if "mtime_ns" in attrs and target.get("mtime_ns") != attrs["mtime_ns"]:
+                    target["mtime_ns"] = attrs["mtime_ns"]
+                    changed = True       # an access time alone is not a new version
+                if changed and "atime_ns" in attrs:
+                    target["atime_ns"] = attrs["atime_ns"]
         if change.op in (ch.CHMOD, ch.CHOWN):
             for name, attrs in change.attrs.items():
                 target = meta if name == "" else fmeta.get(name)

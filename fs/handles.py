@@ -39,6 +39,7 @@ class Handle:
     rtfile: object = None          # the RuntimeFile this handle opened (runtime handles)
     orphan: bool = False           # the file lost its name: writes go nowhere (as on ext4)
     last_error: object = None      # FsError of the last failed commit attempt
+    times: dict | None = None      # mtime_ns/atime_ns set through this descriptor, committed at close
 
     @property
     def writable(self) -> bool:

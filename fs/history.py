@@ -88,7 +88,7 @@ def _trailers(message: str) -> dict:
     out = {}
     for line in message.splitlines():
         key, sep, value = line.partition(": ")
-        if sep and key in ("Agent", "Op", "Files"):
+        if sep and key in ("Agent", "Op", "Files", "From"):
             out[key] = value.strip()
     return out
 
@@ -104,6 +104,7 @@ class CommitIndex:
         self.entries: list[Entry] = []
         self._pos: dict[str, int] = {}
         self._by_agent: dict[str, list[int]] = {}
+        self._renames: dict[str, list[tuple[int, str]]] = {}     # agent -> [(pos of move, old id)]
         self._versions: dict[tuple[str, str, str], int] = {}   # (agent, file, blob) -> latest pos
         self._last: dict[tuple[str, str], int] = {}            # (agent, file) -> pos of last change
         self._sorted: list[str] | None = None
@@ -114,6 +115,19 @@ class CommitIndex:
         pos = len(self.entries)
         self.entries.append(e)
         self._pos[e.commit] = pos
+        if e.op == "move" and e.files and e.files[0][0] == "@from":
+            # mv M/a M/b: b's history is a's, followed by the move.
+            src = e.files[0][1]
+            self._by_agent[e.agent] = self._by_agent.pop(src, [])
+            self._renames[e.agent] = self._renames.pop(src, []) + [(pos, src)]
+            for key in [k for k in self._last if k[0] == src]:
+                self._last[(e.agent, key[1])] = self._last.pop(key)
+            for key in [k for k in self._versions if k[0] == src]:
+                self._versions[(e.agent, key[1], key[2])] = self._versions.pop(key)
+            self._by_agent[e.agent].append(pos)
+            if self._sorted is not None:
+                bisect.insort(self._sorted, e.commit)
+            return
         self._by_agent.setdefault(e.agent, []).append(pos)
         for name, blob in e.files:
             self._last[(e.agent, name)] = pos
@@ -136,6 +150,8 @@ class CommitIndex:
                 except KeyError:
                     blob = "-"
                 files.append((name, blob))
+        if op == "move" and t.get("From"):
+            files = [("@from", t["From"])]
         return Entry(str(commit.id), commit.commit_time, agent, op, tuple(files))
 
     @staticmethod
@@ -183,6 +199,7 @@ class CommitIndex:
                     oid = commit.parent_ids[0]
             rewrite = torn or keep != len(loaded) or (not loaded and bool(missing))
             self.entries, self._pos, self._by_agent, self._versions, self._last = [], {}, {}, {}, {}
+            self._renames = {}
             self._sorted = None
             for e in loaded[:keep]:
                 self._add(e)
@@ -207,6 +224,7 @@ class CommitIndex:
         anyway, so a crash on either side of the rename is harmless)."""
         with self._lock:
             self.entries, self._pos, self._by_agent, self._versions, self._last = [], {}, {}, {}, {}
+            self._renames = {}
             self._sorted = None
             for e in entries:
                 self._add(e)
@@ -265,7 +283,7 @@ class CommitIndex:
     def append(self, commit: pygit2.Commit, agent: str, op: str, files: dict[str, str]) -> None:
         """Record a commit just made (files: durable name -> blob hex or "-")."""
         e = Entry(str(commit.id), commit.commit_time, agent, op,
-                  tuple(sorted((n, b) for n, b in files.items() if n in DURABLE_FILES)))
+                  tuple(sorted((n, b) for n, b in files.items() if n in DURABLE_FILES or n == "@from")))
         with self._lock:
             self._add(e)
             if self._file is not None:
@@ -288,6 +306,14 @@ class CommitIndex:
 
     def agent_positions(self, agent: str) -> list[int]:
         return self._by_agent.get(agent, [])
+
+    def name_at(self, agent: str, pos: int) -> str:
+        """The id ``agent`` had at position ``pos`` (it may have been moved since)."""
+        name = agent
+        for mpos, old in reversed(self._renames.get(agent, [])):
+            if pos < mpos:
+                name = old
+        return name
 
     def position(self, commit_hex: str) -> int | None:
         return self._pos.get(commit_hex)

@@ -44,8 +44,19 @@ class HistoryView:
         self.root_owner = root_owner    # (uid, gid) of the mount root
 
     # -- helpers ----------------------------------------------------------------------
-    def _view(self, hexid: str, agent: str):
+    def _agent_at(self, hexid: str, agent: str):
+        """``agent`` at a commit, under the id it had then (it may have been moved since:
+        ``M/<new>/@history`` lists the commits from before the move too)."""
         view = self.git.agent_at(hexid, agent)
+        if view is None:
+            pos = self.index.position(hexid)
+            old = self.index.name_at(agent, pos) if pos is not None else agent
+            if old != agent:
+                view = self.git.agent_at(hexid, old)
+        return view
+
+    def _view(self, hexid: str, agent: str):
+        view = self._agent_at(hexid, agent)
         if view is None:
             raise FsError(errno.ENOENT, f"agent {agent} does not exist at {hexid[:12]}")
         return view
@@ -103,7 +114,7 @@ class HistoryView:
         raise FsError(errno.ENOTDIR, "not a directory")
 
     def _view_or_empty(self, hexid: str, agent: str):
-        view = self.git.agent_at(hexid, agent)
+        view = self._agent_at(hexid, agent)
         return view if view is not None else AgentView(meta={}, files={})
 
     # -- attributes ----------------------------------------------------------------------
@@ -214,7 +225,8 @@ class HistoryView:
             view = self._view(hexid, agent)
             if name not in view.files:
                 raise FsError(errno.ENOENT, f"{agent}/{name} does not exist at {hexid[:12]}")
-            return self.git.read_blob(view.files[name], agent, name)
+            # Sealed under the id the agent had then (it may have been moved since).
+            return self.git.read_blob(view.files[name], view.meta.get("id", agent), name)
         if key[0] == "hist-rt":
             return self._rt_version(key[1], int(key[2])).data
         raise FsError(errno.EISDIR, "is a directory")

@@ -48,6 +48,7 @@ from .metrics import metrics
 from .monitor import Monitor
 from .patch import apply_patch
 from .rejected import LAST_ERROR, REJECTED_DIR, Rejections
+from .removals import WINDOW, Removal, Removals, tgid_of
 from .runtime import RuntimeLayer
 from .scratch import ScratchNode, ScratchSpace, new_ino
 from .validate import check_json, check_size
@@ -118,6 +119,7 @@ class Attr:
     generation: int = 0
     blocks: int | None = None     # 512-byte blocks allocated (None: derived from the size)
     shared: bool = False    # one object reused for many listing entries (only ino/generation change)
+    blob: object = None        # orphans: the version the file had when it lost its name
 
 
 @dataclass
@@ -131,6 +133,8 @@ class PendingFile:
     time_ns: int
     creators: int = 0
     acl: list | None = None
+    replace: bool = False   # written again by the process whose removal of the name is parked
+    times: dict = field(default_factory=dict)   # mtime_ns/atime_ns set before the first close
 
 
 class Kernel:
@@ -151,6 +155,7 @@ class _Dir:
     dots: tuple = ()      # inode numbers of "." and "..": listed first, as on ext4
     agents: list | None = None   # root listing: sorted agent ids, entries first_agent.. on
     first_agent: int = 0
+    agent: str | None = None   # the agent directory listed (fsyncdir settles its removals)
 
 
 @dataclass
@@ -177,6 +182,8 @@ class Namespace:
         self.buffer_max = getattr(options, "buffer_max", 256 << 20)
         self.buffer_bytes = 0
         self.agent_scratch: dict[str, ScratchNode] = {}
+        self.removals = Removals(getattr(options, "removal_window", WINDOW))
+        self._removal_wakeup = trio.Event()
         self.pending: dict[tuple[str, str], PendingFile] = {}
         self.handles: dict[int, Handle] = {}
         self.by_ino: dict[int, set[Handle]] = {}
@@ -203,15 +210,23 @@ class Namespace:
         Runs on the trio thread before any handler waiting for this group resumes."""
         before = {}
         for agent in group.views:
+            old_view = self.git.agent(agent)
             for name in DURABLE_FILES:
                 ino = self.inodes.peek(("state", agent, name))
                 if ino is not None:
                     before[ino] = self._orphan_attr(ino, False)
+                    if old_view is not None and name in old_view.files:
+                        # A reader that looked the name up just before it was replaced
+                        # may still open it: it gets this version, as on ext4.
+                        before[ino].blob = (old_view.files[name], agent, name)
         self.git.publish(group.head, group.views, group.root)
+        moves = {c.move[0]: c.move[1] for _, c, _ in group.made if c.op == ch.MOVE and c.move}
         for agent, view in group.views.items():
             self._rebind_agent(agent, view, before)
             ino = self.inodes.peek(("agent", agent))
-            if view is None:
+            if view is None and agent in moves:
+                self._moved_agent(agent, moves[agent], ino)
+            elif view is None:
                 if ino is not None:
                     self.inodes.retire(ino, ("orphan", self._orphan_attr(ino, True)))
                     self.kernel.invalidate_entry(ROOT, agent)
@@ -253,6 +268,25 @@ class Namespace:
                 parent = self.inodes.peek(("hist-root", key[1]))
                 if parent is not None:
                     self.kernel.invalidate_entry(parent, key[2])
+
+    def _moved_agent(self, old: str, new: str, ino: int | None) -> None:
+        """mv M/old M/new was published: the directory keeps its inode number (the
+        kernel moved its dentry), and its RAM parts (scratch, runtime.json) move along,
+        as a directory rename takes its whole subtree on ext4."""
+        if ino is not None:
+            self.inodes.bind(ino, ("agent", new))
+            self.kernel.invalidate_entry(ROOT, old)
+        s = self.agent_scratch.pop(old, None)
+        if s is not None:
+            self.agent_scratch[new] = s
+        self.runtime.move(old, new)
+        rt = self.inodes.peek(("state", old, RUNTIME_FILE))
+        if rt is not None:
+            self.inodes.bind(rt, ("state", new, RUNTIME_FILE))
+        for h in self.handles.values():
+            if h.agent == old and h.kind in ("runtime", "patch"):
+                h.agent = new
+        self.rejected.drop_agent(old)
 
     def _emit_commit(self, oid, change: Change, versions: dict) -> None:
         w = change.who
@@ -422,16 +456,28 @@ class Namespace:
                 view = self.git.agent(agent)
                 fm = view.file_meta(name) if view is not None and name in view.files else None
                 if fm is not None:
-                    a = Attr(ino, stat.S_IFREG | fm["mode"], 1, fm["uid"], fm["gid"], fm["size"], fm["mtime_ns"])
+                    a = Attr(ino, stat.S_IFREG | fm["mode"], 1, fm["uid"], fm["gid"], fm["size"], fm["mtime_ns"],
+                             atime_ns=fm.get("atime_ns"))
             if a is None:
                 p = self.pending.get((agent, name))
                 if p is None:
                     raise FsError(errno.ENOENT, f"{agent}/{name} does not exist")
-                a = Attr(ino, stat.S_IFREG | p.mode, 1, p.uid, p.gid, 0, p.time_ns)
+                a = Attr(ino, stat.S_IFREG | p.mode, 1, p.uid, p.gid, 0, p.times.get("mtime_ns", p.time_ns),
+                         atime_ns=p.times.get("atime_ns"))
             size = self._writer_size(ino)
             if size is not None:
                 a.size = size
             a.generation = gen
+            return a
+        if kind == "state-new":
+            p = self.pending.get((key[1], key[2]))
+            if p is None or p.fid != ino:
+                raise FsError(errno.ENOENT, f"{key[1]}/{key[2]} does not exist")
+            a = Attr(ino, stat.S_IFREG | p.mode, 1, p.uid, p.gid, 0, p.times.get("mtime_ns", p.time_ns),
+                     atime_ns=p.times.get("atime_ns"), timeout=0, generation=gen)
+            size = self._writer_size(ino)
+            if size is not None:
+                a.size = size
             return a
         if kind == "scratch":
             n: ScratchNode = key[1]
@@ -627,6 +673,103 @@ class Namespace:
                              reason=e.reason, errno=errno.errorcode.get(e.errno, str(e.errno)))
             if self.audit is not None:
                 self.audit.record(e.who, ch.WRITE, f"/{agent}/{name}", e.errno, time_ns=e.time_ns, reason=e.reason)
+
+    # -- parked removals (fs/removals.py) --------------------------------------------------
+    def _hidden(self, agent: str | None, name: str, caller: Caller | None) -> bool:
+        """Has ``caller``'s process a parked removal of ``agent/name`` (so, to it, the name is gone)?"""
+        return (caller is not None and agent is not None and len(self.removals) > 0
+                and self.removals.owned(agent, name, caller.pid) is not None)
+
+    def _park_removal(self, agent: str, name: str, fid: int, caller: Caller) -> Removal:
+        """Unlink (or rename away) of a durable state file: parked, not committed yet.
+
+        Handles open on the file now write nowhere, as after an unlink on ext4; the
+        committed version stays visible to every other process."""
+        for h in self.by_ino.get(fid, ()):
+            if h.kind == "state":
+                h.orphan = True
+        r = self.removals.park(agent, name, fid, caller.pid, caller.who())
+        self._removal_wakeup.set()
+        return r
+
+    async def _settle_removal(self, r: Removal) -> None:
+        """Commit a parked removal as a "delete" (if it is still parked)."""
+        if self.removals.get(r.agent, r.name) is not r:
+            return
+        if r.settling is not None:
+            await r.settling.wait()      # another request is committing it
+            return
+        if r.refused:
+            self._undo_removal(r.agent, r.name)
+            return
+        # It stays parked (the name still gone for its remover) until the delete is published.
+        r.settling = trio.Event()
+        try:
+            await self._commit(Change(ch.DELETE, r.agent, r.who, r.time_ns, files={r.name: None}))
+        except FsError as exc:
+            # Gone already (rmdir, a rename away by another process): nothing to remove.
+            (log.debug if exc.errno == errno.ENOENT else log.warning)(
+                "parked removal of %s/%s not committed: %s", r.agent, r.name, exc.reason)
+        finally:
+            # re-check: folded or parked anew meanwhile?
+            if self.removals.get(r.agent, r.name) is r:
+                self.removals.pop(r.agent, r.name)
+            r.settling.set()
+
+    def _fold_removal(self, agent: str, name: str) -> None:
+        """The name was written again: its parked removal is part of that write."""
+        self.removals.pop(agent, name)
+
+    def _undo_removal(self, agent: str, name: str) -> None:
+        """The re-written content was refused: the previous version stays under its name."""
+        if self.removals.pop(agent, name) is not None:
+            log.info("%s/%s: the new content was refused; the previous version is kept", agent, name)
+            ino = self.inodes.peek(("agent", agent))
+            if ino is not None:
+                self.kernel.invalidate_entry(ino, name)
+
+    async def _settle_dead(self, agent: str, name: str | None = None) -> None:
+        """Commit the parked removals in ``agent`` whose process has exited (another
+        process is looking: it must see what the finished program left)."""
+        for r in self.removals.of_agent(agent):
+            if (name is None or r.name == name) and not r.owner_alive():
+                await self._settle_removal(r)
+
+    async def settle_removals(self, agent: str | None = None) -> None:
+        """Commit every parked removal (of ``agent``): fsync of the directory, rmdir,
+        reading the head, unmount."""
+        for r in (self.removals.of_agent(agent) if agent is not None else self.removals.all()):
+            await self._settle_removal(r)
+
+    def _recreating(self, r: Removal) -> bool:
+        p = self.pending.get((r.agent, r.name))
+        return p is not None and p.replace and p.creators > 0
+
+    async def run_removals(self) -> None:
+        """Background task: commit parked removals whose window passed (a file being
+        written again by its remover waits for that close)."""
+        while True:
+            self._removal_wakeup = trio.Event()
+            nxt = self.removals.next_deadline()
+            if nxt is None:
+                await self._removal_wakeup.wait()
+                continue
+            delay = nxt - time.monotonic()
+            if delay > 0:
+                with trio.move_on_after(delay):
+                    await self._removal_wakeup.wait()
+                continue
+            now = time.monotonic()
+            for r in self.removals.all():
+                if r.deadline > now or r.settling is not None:
+                    continue
+                if self._recreating(r):
+                    r.deadline = now + self.removals.window
+                    continue
+                try:
+                    await self._settle_removal(r)
+                except Exception:
+                    log.exception("committing the removal of %s/%s failed", r.agent, r.name)
 
     # -- shared version bytes and write buffers ----------------------------------------------
     async def _acquire(self, agent: str, name: str) -> tuple[bytes, object, object]:
@@ -931,10 +1074,39 @@ class Namespace:
     async def lookup(self, parent: int, name: str, caller: Caller) -> Attr:
         if caller.uid != 0:
             self._check(caller, self.inodes.key(parent), X, "lookup", name)
+        if len(self.removals) > 0:
+            key = self.inodes.key(parent)
+            r = self.removals.get(key[1], name) if key[0] == "agent" else None
+            if r is not None:
+                return await self._lookup_removed(r, caller)
         ino, entry_timeout = self._child(parent, name)
         attr = self._attr(ino)
         if entry_timeout is not None:
             attr.entry_timeout = entry_timeout
+        self.inodes.remember(ino)
+        return attr
+
+    async def _lookup_removed(self, r: Removal, caller: Caller) -> Attr:
+        """A name whose removal is parked: gone for its remover (or its re-creation),
+        the committed version for everyone else. Never cached by the kernel, so each
+        process asks again."""
+        agent, name = r.agent, r.name
+        if r.owner == tgid_of(caller.pid):
+            p = self.pending.get((agent, name))
+            if p is None or not p.replace:
+                raise FsError(errno.ENOENT, f"{agent}/{name} was removed")
+            ino = p.fid
+        else:
+            if not r.owner_alive():
+                await self._settle_removal(r)
+            # re-check: the removal may have been committed (or folded) meanwhile.
+            self._agent_view(agent)
+            ino = self._state_ino(agent, name)
+            if ino is None:
+                raise FsError(errno.ENOENT, f"{agent}/{name} does not exist")
+        attr = self._attr(ino)
+        attr.entry_timeout = 0
+        attr.timeout = 0
         self.inodes.remember(ino)
         return attr
 
@@ -997,6 +1169,8 @@ class Namespace:
                 node.atime_ns = atime_ns
             if mtime_ns is not None:
                 node.mtime_ns = mtime_ns
+            if atime_ns is not None or mtime_ns is not None:
+                node.user_times = True
             node.ctime_ns = time.time_ns()
             return self._attr(ino)
         upd = {k: v for k, v in (("mode", None if mode is None else stat.S_IMODE(mode)),
@@ -1024,9 +1198,10 @@ class Namespace:
                 finally:
                     if oid is not None:
                         self._unshare(oid)
+        p = self.pending.get((agent, name))
+        creating = p is not None and p.fid == ino and (p.replace or not self._committed(agent, name))
         if upd:
-            p = self.pending.get((agent, name))
-            if p is not None and p.fid == ino and not self._committed(agent, name):
+            if creating:
                 p.mode, p.uid, p.gid = upd.get("mode", p.mode), upd.get("uid", p.uid), upd.get("gid", p.gid)
             elif name == RUNTIME_FILE:
                 rf = self.runtime.get(agent)
@@ -1038,7 +1213,9 @@ class Namespace:
             else:
                 op = ch.CHOWN if ("uid" in upd or "gid" in upd) else ch.CHMOD
                 await self._commit(Change(op, agent, caller.who(), time.time_ns(), attrs={name: upd}))
-        # atime/mtime of state files are the version's time: explicit updates are ignored.
+        times = {k: v for k, v in (("mtime_ns", mtime_ns), ("atime_ns", atime_ns)) if v is not None}
+        if times and name != RUNTIME_FILE:
+            await self._set_times(ino, agent, name, times, fh, caller, p if creating else None)
         return self._attr(ino)
 
     def _check_setattr(self, caller: Caller, key: tuple, size, mode, uid, gid, atime_ns, mtime_ns, fh) -> None:
@@ -1066,6 +1243,30 @@ class Namespace:
         if (atime_ns is not None or mtime_ns is not None) and not is_owner \
                 and not self.access.allowed(caller, own, W):
             self._deny(caller, "utimes", path, errno.EPERM, "only the owner may set times")
+
+    async def _set_times(self, ino: int, agent: str, name: str, times: dict, fh, caller: Caller,
+                         pending: PendingFile | None) -> None:
+        """User-set mtime/atime of a durable state file (touch -d, rsync -a, tar -x, cp -a):
+        kept and versioned in meta.json. Set through a descriptor with unsaved writes (or
+        on a file not written yet) they go into that close's commit; otherwise they are a
+        "touch" commit of their own (none when they are the times the file has)."""
+        h = self.handles.get(fh) if fh else None
+        if h is None or h.ino != ino or not h.dirty:
+            h = max((x for x in self.by_ino.get(ino, ()) if x.kind == "state" and x.dirty and not x.orphan),
+                    key=lambda x: x.last_write, default=None)
+        if h is not None and h.dirty and not h.orphan:
+            h.times = {**(h.times or {}), **times}
+            return
+        if pending is not None:
+            pending.times.update(times)
+            return
+        view = self._agent_view(agent)
+        fm = view.file_meta(name) if name in view.files else None
+        if fm is None:
+            raise FsError(errno.ENOENT, f"{agent}/{name} does not exist")
+        if times.get("mtime_ns", fm.get("mtime_ns")) == fm.get("mtime_ns"):
+            return       # the same mtime (an access time alone is not a new version)
+        await self._commit(Change(ch.TOUCH, agent, caller.who(), time.time_ns(), attrs={name: times}))
 
     def _committed(self, agent: str, name: str) -> bool:
         if name == RUNTIME_FILE:
@@ -1148,6 +1349,8 @@ class Namespace:
             if is_reserved(name):
                 raise FsError(errno.EPERM, f"{name} is reserved")
             self._agent_view(name)
+            await self.settle_removals(name)     # `rm -r`: the files' deletes come first
+            self._agent_view(name)               # re-check: still there
             s = self.agent_scratch.get(name)
             if (s is not None and s.children) or self.runtime.get(name) is not None \
                     or any(a == name for a, _ in self.pending):
@@ -1203,8 +1406,12 @@ class Namespace:
             return fh
         elif key[0] == "agent":
             agent = key[1]
+            if len(self.removals) > 0:
+                await self._settle_dead(agent)
             view = self._agent_view(agent)
             names = set(view.files) | {n for a, n in self.pending if a == agent}
+            names = {n for n in names if not self._hidden(agent, n, caller)
+                     or (agent, n) in self.pending}
             if self.runtime.get(agent) is not None:
                 names.add(RUNTIME_FILE)
             entries = [(n, ("state", agent, n)) for n in sorted(names)]
@@ -1218,7 +1425,8 @@ class Namespace:
         if self.opts.history_visible and key[0] in ("root", "agent"):
             entries.insert(0, (HISTORY_DIR, ("hist-root", key[1] if key[0] == "agent" else "")))
         fh = self._fh()
-        self.dirs[fh] = _Dir(len(entries), entries.__getitem__, keys=True, dots=(ino, self._dotdot(ino, key)))
+        self.dirs[fh] = _Dir(len(entries), entries.__getitem__, keys=True, dots=(ino, self._dotdot(ino, key)),
+                             agent=key[1] if key[0] == "agent" else None)
         return fh
 
     def _dotdot(self, ino: int, key: tuple) -> int:
@@ -1244,6 +1452,14 @@ class Namespace:
             return ino
         parent = self.inodes.peek(pkey)
         return parent if parent is not None else ino
+
+    async def fsyncdir(self, fh: int) -> None:
+        """Every acknowledged change is durable, except parked removals: fsync of an
+        agent directory commits its own (as fsync of a directory makes an unlink
+        durable on ext4)."""
+        d = self.dirs.get(fh)
+        if d is not None and d.agent is not None:
+            await self.settle_removals(d.agent)
 
     def _ino_for_listing(self, key: tuple) -> int | None:
         kind = key[0]
@@ -1399,13 +1615,37 @@ class Namespace:
             h = Handle(fh, ino, "history", flags=flags, snapshot=self.history.content(key))
             self._add_handle(h)
             return h
+        if key[0] == "state-new":
+            p = self.pending.get((key[1], key[2]))
+            if p is None or p.fid != ino:
+                raise FsError(errno.ENOENT, f"{key[1]}/{key[2]} was removed")
+            h = Handle(fh, ino, "state", agent=key[1], name=key[2], flags=flags,
+                       who=caller.who() if writable else Who(caller.uid, caller.gid, caller.pid),
+                       snapshot=b"", fid=ino, created=True)
+            p.creators += 1
+            if writable and flags & os.O_TRUNC:
+                h.buffer = bytearray()
+                self._touch(h)
+            self._add_handle(h)
+            return h
         if key[0] == "orphan-pending" and writable:
             key = self._recreate_pending(ino, key[1], key[2], caller)
+        if key[0] == "orphan" and not writable and key[1] is not None \
+                and getattr(key[1], "blob", None) is not None:
+            h = Handle(fh, ino, "history", flags=flags, snapshot=self.git.read_blob(*key[1].blob))
+            self._add_handle(h)
+            return h
         if key[0] in ("orphan", "orphan-pending"):
             raise FsError(errno.ENOENT, "file was removed")
         if key[0] != "state":
             raise FsError(errno.EISDIR, "is a directory")
         agent, name = key[1], key[2]
+        r = self.removals.get(agent, name) if len(self.removals) > 0 else None
+        if r is not None and writable:
+            # Someone writes a file whose removal is parked: the removal happened first.
+            await self._settle_removal(r)
+            if self.inodes.key(ino) != key:       # re-check: it was committed
+                raise FsError(errno.ENOENT, f"{agent}/{name} was removed")
         if writable and flags & os.O_TRUNC and is_durable(name):
             # Truncating: the committed bytes are never read through this handle.
             data, oid, rf = b"", None, None
@@ -1455,6 +1695,12 @@ class Namespace:
         if caller.uid != 0 and not exists:
             self._check(caller, self.inodes.key(parent), W | X, "create", name)
         if where == "agent" and is_state(name):
+            r = self.removals.get(agent, name) if len(self.removals) > 0 else None
+            if r is not None and r.owner == tgid_of(caller.pid):
+                return await self._create_again(agent, name, perm, flags, caller)
+            if r is not None and not r.owner_alive():
+                await self._settle_removal(r)
+                # re-check below: the name is gone now
             if self._exists_state(agent, name):
                 if flags & os.O_EXCL:
                     raise FsError(errno.EEXIST, f"{agent}/{name} exists")
@@ -1496,6 +1742,38 @@ class Namespace:
             self._add_handle(h)
         attr = self._attr(node.ino)
         self.inodes.remember(node.ino)
+        return h, attr
+
+    async def _create_again(self, agent: str, name: str, perm: int, flags: int,
+                            caller: Caller) -> tuple[Handle, Attr]:
+        """The remover of ``agent/name`` creates it again (vim, emacs, install, tar -x):
+        a new file, bound to its own inode number, that replaces the committed one when
+        it is closed with valid content (one "write" commit, the removal folded in);
+        other processes keep seeing the committed version until then."""
+        p = self.pending.get((agent, name))
+        if p is not None and p.replace:
+            if flags & os.O_EXCL:
+                raise FsError(errno.EEXIST, f"{agent}/{name} exists")
+            h = await self.open(p.fid, flags, caller)
+            ino = p.fid
+        else:
+            if p is not None:
+                raise FsError(errno.EBUSY, f"{agent}/{name} is being created by another process")
+            ino = new_ino(self.inodes._keys)
+            p = self.pending[(agent, name)] = PendingFile(ino, perm, caller.uid, caller.gid, time.time_ns(),
+                                                          replace=True)
+            r = self.removals.get(agent, name)
+            if r is not None:
+                r.refused = False
+            self.inodes.bind(ino, ("state-new", agent, name))
+            h = Handle(self._fh(), ino, "state", agent=agent, name=name, flags=flags, who=caller.who(),
+                       buffer=bytearray(), created=True, fid=ino)
+            p.creators += 1
+            self._touch(h)
+            self._add_handle(h)
+        attr = self._attr(ino)
+        attr.entry_timeout = 0
+        self.inodes.remember(ino)
         return h, attr
 
     def handle(self, fh: int) -> Handle:
@@ -1560,13 +1838,19 @@ class Namespace:
             data = bytes(h.content())
             attrs = None
             p = self.pending.get((h.agent, h.name))
+            replace = False
             if h.created and p is not None and p.fid == h.ino:
-                attrs = {"mode": p.mode, "uid": p.uid, "gid": p.gid}
+                attrs = {"mode": p.mode, "uid": p.uid, "gid": p.gid, **p.times}
                 if p.acl:
                     attrs["acl"] = p.acl
+                replace = p.replace
+            times = h.times
+            if times and h.kind == "state":
+                attrs = {**(attrs or {}), **times}
             try:
                 result = await self._save(h.agent, h.name, data, h.who, attrs=attrs, fid=h.fid,
-                                          create=h.created, rtfile=h.rtfile if not h.created else None,
+                                          create=h.created, replace=replace,
+                                          rtfile=h.rtfile if not h.created else None,
                                           origin=h.fh)
             except FsError as exc:
                 h.last_error = exc
@@ -1576,7 +1860,17 @@ class Namespace:
                 h.orphan = True
                 break
             h.last_error = None
+            if h.times is times:
+                h.times = None
             self.rejected.settle(h.agent, h.name, h.fh, committed=True)
+            if replace:
+                # Written again by its remover: the parked removal folds into this write.
+                self._fold_removal(h.agent, h.name)
+                if result is None and self.pending.get((h.agent, h.name)) is p:
+                    # Same content as before: no commit; the name keeps its version, and
+                    # this inode (the kernel's for the name now) answers for it.
+                    del self.pending[(h.agent, h.name)]
+                    self.inodes.bind(h.ino, ("state", h.agent, h.name))
             if h.created and p is not None and self.pending.get((h.agent, h.name)) is p \
                     and self._committed(h.agent, h.name):
                 del self.pending[(h.agent, h.name)]
@@ -1676,7 +1970,19 @@ class Namespace:
         p = self.pending.get((h.agent, h.name))
         if h.created and p is not None and p.fid == h.ino:
             p.creators -= 1
-            if p.creators <= 0:
+            if p.creators <= 0 and p.replace:
+                # Written again by its remover and never validly closed: the previous
+                # version stays under its name (the removal is undone, no commit).
+                attr = self._orphan_attr(h.ino, False)
+                del self.pending[(h.agent, h.name)]
+                self.inodes.retire(h.ino, ("orphan", attr))
+                r = self.removals.get(h.agent, h.name)
+                if r is not None:
+                    r.refused = True     # undone when it settles (fs/removals.py)
+                agent_ino = self.inodes.peek(("agent", h.agent))
+                if agent_ino is not None:
+                    self.kernel.invalidate_entry(agent_ino, h.name)
+            elif p.creators <= 0:
                 del self.pending[(h.agent, h.name)]
                 if not self._committed(h.agent, h.name):
                     # Created, never validly written: the name goes away (a state file
@@ -1704,7 +2010,15 @@ class Namespace:
         if caller.uid != 0:
             self._check_remove(caller, parent, where, agent, sdir, name, "unlink")
         if where == "agent" and is_state(name):
+            r = self.removals.get(agent, name) if len(self.removals) > 0 else None
+            if r is not None:
+                if r.owner == tgid_of(caller.pid):
+                    raise FsError(errno.ENOENT, f"{agent}/{name} does not exist")
+                await self._settle_removal(r)   # another process removes it too: now
+                return
             p = self.pending.get((agent, name))
+            if p is not None and p.replace:
+                raise FsError(errno.EBUSY, f"{agent}/{name} is being written again by its remover")
             if p is not None and not self._committed(agent, name):
                 del self.pending[(agent, name)]
                 for h in self.by_ino.get(p.fid, ()):
@@ -1722,8 +2036,13 @@ class Namespace:
                         h.orphan = True
                     self.inodes.retire(ino, ("orphan", self._orphan_attr(ino, False)))
                 return
-            await self._commit(Change(ch.DELETE, agent, caller.who(), time.time_ns(), files={name: None}))
-            return  # publish retired the inode and orphaned its handles
+            view = self._agent_view(agent)
+            if name not in view.files:
+                raise FsError(errno.ENOENT, f"{agent}/{name} does not exist")
+            # Parked, not committed yet: a program that writes the name again (vim,
+            # install, tar -x) makes one "write" commit (fs/removals.py).
+            self._park_removal(agent, name, view.fid(agent, name), caller)
+            return
         node = sdir.children.get(name)
         if node is None:
             raise FsError(errno.ENOENT, f"{name} does not exist")
@@ -1741,9 +2060,14 @@ class Namespace:
             raise FsError(errno.EINVAL, "RENAME_WHITEOUT is not supported")
         swhere, sagent, sdir = self._parent_dir(parent_old)
         dwhere, dagent, ddir = self._parent_dir(parent_new)
+        if swhere == "root" and dwhere == "root" and not flags & RENAME_EXCHANGE:
+            if caller.uid != 0:
+                self._check_remove(caller, parent_old, swhere, None, None, old, "rename")
+            await self._move_agent(old, new, flags, caller)
+            return
         if swhere == "root" or dwhere == "root":
-            # Agents are not renamed in place: EXDEV makes mv(1) copy and delete instead.
-            raise FsError(errno.EXDEV, "agent directories are moved by copy (EXDEV)")
+            # An agent into an agent, or a file to the top level: mv(1) copies instead.
+            raise FsError(errno.EXDEV, "only agents live at the top level; this moves by copy (EXDEV)")
         if dwhere == "agent" and is_reserved(new) or swhere == "agent" and is_reserved(old):
             raise FsError(errno.EINVAL, "names starting with '@' are reserved")
         if caller.uid != 0:
@@ -1751,7 +2075,11 @@ class Namespace:
             self._check_remove(caller, parent_new, dwhere, dagent, ddir, new, "rename")
         src_state = swhere == "agent" and is_state(old)
         dst_state = dwhere == "agent" and is_state(new)
+        if src_state and self._hidden(sagent, old, caller):
+            raise FsError(errno.ENOENT, f"{sagent}/{old} does not exist")
         exists = self._exists_state(dagent, new) if dst_state else new in ddir.children
+        if dst_state and self._hidden(dagent, new, caller):
+            exists = False
         if flags & RENAME_NOREPLACE and exists:
             raise FsError(errno.EEXIST, f"{new} exists")
         if flags & RENAME_EXCHANGE:
@@ -1768,6 +2096,10 @@ class Namespace:
                 # An intent: the store moves whatever content and metadata `old` has when
                 # the change is applied (a close queued before us is applied first).
                 await self._commit(Change(ch.RENAME, sagent, caller.who(), time.time_ns(), move=(old, new)))
+                self._fold_removal(dagent, new)
+                return
+            if dwhere == "agent" and sagent == dagent and is_durable(old) and not dst_state:
+                await self._rename_out(sagent, old, ddir, new, caller)
                 return
             raise FsError(errno.EXDEV, "state files move between kinds by copy (EXDEV)")
         node = sdir.children.get(old)
@@ -1781,12 +2113,21 @@ class Namespace:
             check_size(node.size, self.opts.max_size)     # before a sparse file is read out
             attrs = {"mode": stat.S_IMODE(node.mode), "uid": node.uid, "gid": node.gid,
                      "acl": self._scratch_perm(node)[3]}
+            if node.user_times and is_durable(new):
+                # rsync -a, tar -x: times set on the temp file are the state file's.
+                attrs.update(mtime_ns=node.mtime_ns, atime_ns=node.atime_ns)
             data = node.content()
             cond = node.xattrs.get(IF_VERSION)
             expect = parse_if_version(cond) if cond is not None else None
             if is_durable(new):
-                result = await self._save(dagent, new, data, caller.who(), attrs=attrs, fid=node.ino,
-                                          replace=True, expect=expect)
+                try:
+                    result = await self._save(dagent, new, data, caller.who(), attrs=attrs, fid=node.ino,
+                                              replace=True, expect=expect)
+                except FsError:
+                    if self._hidden(dagent, new, caller):
+                        self._undo_removal(dagent, new)     # refused: the previous version stays
+                    raise
+                self._fold_removal(dagent, new)
             else:
                 result = await self._save(dagent, new, data, caller.who(), attrs=attrs, expect=expect)
             if result is None:
@@ -1829,6 +2170,78 @@ class Namespace:
         node.ctime_ns = time.time_ns()
         sdir.touch()
         ddir.touch()
+
+    async def _rename_out(self, agent: str, old: str, ddir: ScratchNode, new: str, caller: Caller) -> None:
+        """``mv config.json config.json~`` (vim's and emacs's backup by rename): the
+        scratch name gets a RAM copy of the committed version, and the state file's
+        removal is parked (fs/removals.py): written again under its name, it is one
+        "write" commit; refused, the previous version is still there."""
+        if not self._committed(agent, old):
+            raise FsError(errno.EBUSY, f"{agent}/{old} is being created and has no content yet")
+        if self.removals.get(agent, old) is not None:
+            # Parked by another process (the remover's own view says ENOENT above).
+            raise FsError(errno.ENOENT, f"{agent}/{old} was removed")
+        view = self._agent_view(agent)
+        oid, fid, fm = view.files[old], view.fid(agent, old), dict(view.file_meta(old) or {})
+        data, blob, _ = await self._acquire(agent, old)
+        try:
+            # re-check: the file may have been written, renamed or removed while we read it.
+            view = self.git.agent(agent)
+            if view is None or view.files.get(old) != oid or self.removals.get(agent, old) is not None \
+                    or self.agent_scratch.get(agent) is not ddir:
+                raise FsError(errno.EBUSY, f"{agent}/{old} changed while it was renamed; try again")
+            target = ddir.children.get(new)
+            if target is not None and target.is_dir:
+                raise FsError(errno.EISDIR, f"{new} is a directory")
+            node = self.scratch.new_node(new_ino(self.inodes._keys), stat.S_IFREG | fm.get("mode", 0o644),
+                                         fm.get("uid", caller.uid), fm.get("gid", caller.gid), new)
+            node.agent = agent
+            try:
+                self.scratch.write(node, 0, data)
+            except FsError:
+                self.scratch.unlinked(node)
+                raise
+            node.mtime_ns = fm.get("mtime_ns", node.mtime_ns)
+            node.atime_ns = fm.get("atime_ns", node.mtime_ns)
+            if target is not None:
+                self.scratch.unlinked(target)
+                if target.nlink == 0:
+                    self.inodes.retire(target.ino, ("scratch", target))
+            ddir.children[new] = node
+            ddir.touch()
+            self.inodes.bind(node.ino, ("scratch", node))
+            self._park_removal(agent, old, fid, caller)
+            # The kernel moved its dentry (the state file's inode) to the new name: make
+            # it look the name up again, and find the scratch copy.
+            agent_ino = self.inodes.peek(("agent", agent))
+            if agent_ino is not None:
+                self.kernel.invalidate_entry(agent_ino, new)
+        finally:
+            if blob is not None:
+                self._unshare(blob)
+
+    async def _move_agent(self, old: str, new: str, flags: int, caller: Caller) -> None:
+        """``mv M/old M/new``: one commit moving the agent's subtree in the store (its
+        history continues under the new id: ``agentstatefs log new`` shows both)."""
+        for n in (old, new):
+            if is_reserved(n):
+                raise FsError(errno.EPERM, f"{n} is reserved")
+        check_agent_id(new)
+        self._agent_view(old)
+        if old == new:
+            return
+        if self.git.agent(new) is not None:
+            raise FsError(errno.EEXIST if flags & RENAME_NOREPLACE else errno.ENOTEMPTY,
+                          f"agent {new} exists")
+        await self.settle_removals(old)
+        # re-check after the await: both names as they are now.
+        self._agent_view(old)
+        if self.git.agent(new) is not None:
+            raise FsError(errno.ENOTEMPTY, f"agent {new} exists")
+        if any(a == old for a, _ in self.pending) or self.removals.of_agent(old):
+            raise FsError(errno.EBUSY, f"agent {old} has a file being created; try again")
+        await self._commit(Change(ch.MOVE, old, caller.who(), time.time_ns(), move=(old, new)))
+        # publish moved the inode, scratch and runtime.json (_moved_agent)
 
     @staticmethod
     def _set_agent(node: ScratchNode, agent: str | None) -> None:
@@ -2040,6 +2453,9 @@ class Namespace:
         if key[0] != "scratch" and not name.startswith("user.agentstatefs."):
             # The kernel asks for security.capability before every write: answer at once.
             raise FsError(errno.ENODATA, f"no attribute {name}")
+        if key[0] == "root" and name == "user.agentstatefs.head" and len(self.removals) > 0:
+            # The head names every acknowledged change, parked removals included.
+            await self.settle_removals()
         if key[0] == "root" and name in self._root_xattrs():
             return self._root_xattrs()[name]
         if caller.uid != 0:

@@ -57,6 +57,12 @@ class RuntimeLayer:
         self.bytes += len(v.data)
         return v
 
+    def move(self, agent: str, new: str) -> None:
+        """The agent was renamed: its runtime.json goes with it."""
+        rf = self._files.pop(agent, None)
+        if rf is not None:
+            self._files[new] = rf
+
     def remove(self, agent: str) -> bool:
         rf = self._files.pop(agent, None)
         if rf is None:

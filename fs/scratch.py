@@ -60,6 +60,7 @@ class ScratchNode:
     charged: int = 0      # bytes of the cap held for the node itself (cost, names, xattrs)
     freed: bool = False
     agent: str | None = None   # the agent directory it lives in (permission checks)
+    user_times: bool = False   # mtime/atime set by the user (kept when renamed onto a state file)
 
     @property
     def is_dir(self) -> bool:

@@ -220,7 +220,7 @@ class Store:
         Runs in the committer thread only: the writer's head is its alone.
         """
         c = intent
-        if c.op in (ch.MKDIR, ch.RMDIR, ch.CHMOD, ch.CHOWN, ch.DELETE):
+        if c.op in (ch.MKDIR, ch.RMDIR, ch.CHMOD, ch.CHOWN, ch.DELETE, ch.TOUCH, ch.MOVE):
             return c
         view = self.git.agent(c.agent)
         if view is None:
@@ -242,7 +242,7 @@ class Store:
 
             def carried(name: str) -> dict:
                 fm = view.file_meta(name) or {}
-                out = {k: fm[k] for k in ("mode", "uid", "gid", "mtime_ns") if k in fm}
+                out = {k: fm[k] for k in ("mode", "uid", "gid", "mtime_ns", "atime_ns") if k in fm}
                 out["acl"] = fm.get("acl")     # the moved file's ACL (or none), not the target's
                 out["fid"] = view.fid(c.agent, name)
                 return out
@@ -279,8 +279,8 @@ class Store:
         blob = str(self.git.blob_id(c.agent, name, data))
         if name in view.files and str(view.files[name]) == blob:
             fm = view.file_meta(name) or {}
-            if all(fm.get(k) == v for k, v in attrs.items() if k not in ("fid", "mtime_ns")):
-                return None      # same bytes and metadata: no new version
+            if all(fm.get(k) == v for k, v in attrs.items() if k not in ("fid", "atime_ns")):
+                return None      # same bytes and metadata (a user-set mtime included): no new version
         if op == ch.WRITE and blob in c.sources:
             # A copy out of @history (the namespace saw this process read that version):
             # a restore. Content that merely equals an old version is a plain write.
@@ -386,6 +386,8 @@ class Store:
                     payloads.append(change.encode())
                     view = self.git.agent(change.agent)
                     views[change.agent] = view
+                    if change.op == ch.MOVE:
+                        views[change.move[1]] = self.git.agent(change.move[1])
                     files = {n: (str(view.files[n]) if view is not None and n in view.files else "-")
                              for n in change.files}
                     versions = {n: (view.version(n) if view is not None and n in view.files else None)
@@ -413,6 +415,10 @@ class Store:
             self._serial += 1
             self.groups += 1
             for oid, change, files, _ in made:
+                if change.op == ch.MOVE:   # the history continues under the new id
+                    self.history.append(self.git.repo[oid], change.move[1], change.op,
+                                        {"@from": change.move[0]})
+                    continue
                 self.history.append(self.git.repo[oid], change.agent, change.op, files)
             # The index file is written out at checkpoints, not per group: an append
             # between two journal fdatasyncs makes ext4 write it with each of them. After
