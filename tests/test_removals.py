@@ -34,7 +34,7 @@ async def mounted(tmp_path, window=60.0):
     sm = StateManager(store)
     options = MountOptions()
     options.removal_window = window
-    ns = Namespace(store, sm, options)
+    ns = Namespace(store, sm, options, root_owner=(P.uid, P.gid))   # P mounted it
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(sm.run_committer)
