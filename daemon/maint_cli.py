@@ -11,8 +11,23 @@ from .credentials import CredentialError, repository_key
 from .options import DEFAULT_REPO_ROOT, DEFAULT_TENANT
 
 
+def _private_message(repo: str) -> str | None:
+    """Why another user cannot use ``repo`` (it is private to the daemon's user), or None."""
+    from ..fs.errors import RepoError
+    from .history_cli import check_readable
+    try:
+        check_readable(repo)
+    except RepoError as exc:
+        return str(exc)
+    return None
+
+
 def cmd_fsck(args) -> int:
     private.restrict_umask()
+    why = _private_message(args.repo)
+    if why:
+        print(f"agentstatefs: {why}", file=sys.stderr)
+        return 1
     if not os.path.isdir(os.path.join(args.repo, "objects")):
         print(f"agentstatefs: {args.repo} is not an agentstatefs repository", file=sys.stderr)
         return 1

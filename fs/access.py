@@ -210,9 +210,10 @@ class Access:
         """Every perm in ``perms`` grants ``want``, or the caller is privileged."""
         if caller.uid == 0:
             return True
-        if all(self.grants(caller, p, want) for p in perms):
-            return True
-        return self.privileged(caller)
+        for p in perms:
+            if not self.grants(caller, p, want):
+                return self.privileged(caller)
+        return True
 
     def owns(self, caller, uid: int) -> bool:
         return caller.uid == uid or self.privileged(caller)

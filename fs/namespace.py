@@ -907,8 +907,15 @@ class Namespace:
             p = self._agent_perm(key[1])
             return ([p] if p else []), []
         if kind == "state":
-            fp, ap = self._file_perm(key[1], key[2]), self._agent_perm(key[1])
-            return ([fp] if fp else []), ([ap] if ap else [])
+            agent, name = key[1], key[2]
+            view = self.git.agent(agent)       # one cache lookup for both (the hot path)
+            if view is None:
+                return [], []
+            m = view.meta
+            ap = (m.get("mode", 0o755), m.get("uid", 0), m.get("gid", 0), m.get("acl"))
+            fm = m.get("files", {}).get(name) if name != RUNTIME_FILE and name in view.files else None
+            fp = (fm["mode"], fm["uid"], fm["gid"], fm.get("acl")) if fm else self._file_perm(agent, name)
+            return ([fp] if fp else []), [ap]
         if kind == "scratch":
             node = key[1]
             ap = self._agent_perm(node.agent) if node.agent else None

@@ -164,6 +164,8 @@ def test_other_user_cannot_read_repository_and_cli_says_why(pub):
                                                                   "a1/config.json"]))
     assert rc == 1 and "secret" not in out, err
     assert "private to the daemon's user" in err and "@history" in err
+    rc, out, err = in_child_as(NOBODY, NOBODY, lambda: cli_main(["fsck", "--repo", str(m.repo)]))
+    assert rc == 1 and "private to the daemon's user" in err, err
 
 
 # -- access control on the mount, as another uid ----------------------------------------------
