@@ -214,8 +214,6 @@ class GitStore:
 
     @property
     def _root(self) -> pygit2.Tree | None:
-        """The head's tree, looked up on first use: a commit and a publish know its id
-        already, and most groups never need the object (two lookups saved per group)."""
         tree = self._root_tree
         if tree is None and self._root_id is not None:
             tree = self._root_tree = self.repo[self._root_id]
@@ -227,7 +225,12 @@ class GitStore:
         self._root_id = tree.id if tree is not None else None
 
     def _set_root_id(self, oid: pygit2.Oid | None) -> None:
-        self._root_id, self._root_tree = oid, None
+        """The head's tree by id, looked up NOW (one lookup instead of commit -> tree):
+        right after a group it is still in memory. Looked up later, after the flusher
+        wrote it into a pack and dropped it from memory, the first miss makes libgit2
+        rescan the pack directory (measured 2.5 ms per group in-process at 100,000 agents)."""
+        self._root_id = oid
+        self._root_tree = self.repo[oid] if oid is not None else None
 
     def reset_head(self, oid: pygit2.Oid | None) -> None:
         """Point ``main`` at ``oid`` (recovery only) and drop every cache."""
