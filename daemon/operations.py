@@ -265,12 +265,7 @@ class AgentFS(pyfuse3.Operations):
 
     @handler
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        import stat
-        if not stat.S_ISREG(mode):
-            raise FsError(errno.EPERM, "only regular files and directories are supported")
-        h, attr = await self.ns.create(parent_inode, decode_name(name), mode, os.O_WRONLY, _caller(ctx))
-        await self.ns.release(h.fh)
-        return _entry(attr)
+        return _entry(await self.ns.mknod(parent_inode, decode_name(name), mode, rdev, _caller(ctx)))
 
     @handler(timed=False)
     async def read(self, fh, off, size):

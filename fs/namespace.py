@@ -2336,6 +2336,27 @@ class Namespace:
         self.inodes.remember(node.ino)
         return attr
 
+    async def mknod(self, parent: int, name: str, mode: int, rdev: int, caller: Caller) -> Attr:
+        """mknod(2): a regular file (as create + close), or a FIFO or socket in a scratch
+        area (the kernel runs pipes and sockets itself; we keep the name, as tmpfs does).
+        Device nodes: EPERM."""
+        if stat.S_ISREG(mode):
+            h, attr = await self.create(parent, name, mode, os.O_WRONLY, caller)
+            await self.release(h.fh)
+            return attr
+        if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+            raise FsError(errno.EPERM, "device nodes are not supported")
+        sdir = self._scratch_target(parent, name, caller, "mknod")
+        perm = stat.S_IMODE(mode) & ~caller.umask
+        node = self.scratch.new_node(new_ino(self.inodes._keys), stat.S_IFMT(mode) | perm, caller.uid,
+                                     caller.gid, name)
+        self.inodes.bind(node.ino, ("scratch", node))
+        sdir.children[name] = node
+        sdir.touch()
+        attr = self._attr(node.ino)
+        self.inodes.remember(node.ino)
+        return attr
+
     async def readlink(self, ino: int, caller: Caller) -> bytes:
         key = self.inodes.key(ino)
         if key[0] != "scratch" or not key[1].is_link:

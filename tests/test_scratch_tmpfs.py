@@ -5,6 +5,8 @@ and ``.``/``..`` in every directory listing (``ls -la``), history directories in
 import errno
 import json
 import os
+import socket
+import stat
 import time
 
 import pytest
@@ -185,3 +187,33 @@ def test_history_directory_times_are_commit_times(mnt):
     assert sh("ls -t", cwd=m / "@history").stdout.split() == ids
     assert sh("ls -t", cwd=m / "a1/@history").stdout.split() == ids   # every commit changed a1
     assert sh("ls -U", cwd=m / "a1/@history").stdout.split() == ids   # readdir order: newest first
+
+
+def test_fifos_and_unix_sockets(mnt):
+    m = mnt
+    os.mkdir(m / "a1")
+    sh("mkfifo a1/pipe", cwd=m.mp)
+    assert stat.S_ISFIFO(os.stat(m / "a1/pipe").st_mode)
+    r = sh("(echo through-the-pipe > a1/pipe &) ; cat a1/pipe", cwd=m.mp)
+    assert r.stdout == "through-the-pipe\n"
+    path = str(m / "a1/sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(1)
+    cli = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    cli.connect(path)
+    conn, _ = srv.accept()
+    cli.sendall(b"hi")
+    assert conn.recv(2) == b"hi"
+    for s in (conn, cli, srv):
+        s.close()
+    assert stat.S_ISSOCK(os.stat(path).st_mode)
+    os.unlink(path)
+    os.unlink(m / "a1/pipe")
+    for call, want in ((lambda: os.mkfifo(m / "a1/config.json"), errno.EPERM),
+                       (lambda: os.mknod(m / "a1/dev", 0o600 | stat.S_IFCHR, os.makedev(1, 3)), errno.EPERM),
+                       (lambda: os.mkfifo(m / "@history/p"), errno.EROFS)):
+        with pytest.raises(OSError) as e:
+            call()
+        assert e.value.errno == want
+    assert sorted(os.listdir(m / "a1")) == []
