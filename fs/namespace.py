@@ -790,7 +790,10 @@ class Namespace:
             raise FsError(errno.ENOENT, f"{agent}/{name} does not exist")
         oid = view.files[name]
         s = self.shared.get(oid)
-        if s is None:
+        if s is None or self.git.codec.encrypted:
+            # Encrypted store: each place opens its blob itself (a blob-cache hit after the
+            # first time), so a sealed blob moved to another agent or file is refused there
+            # even while its own place has it open.
             fm = view.file_meta(name) or {}
             if fm.get("size", 0) > OFFLOAD_BYTES:
                 data = await trio.to_thread.run_sync(self.git.read_blob, oid, agent, name)

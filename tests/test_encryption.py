@@ -205,10 +205,13 @@ def test_plaintext_or_moved_blob_is_refused_not_served(mounts, tmp_path):
     moved = r.revparse_single(f"main:{m.tree_path('a2', 'config.json')}").id
     _plant(m.repo, "a1", "memory.json", moved)
     m.start(f"keyfile={key}")
-    for name in ("config.json", "memory.json"):
-        with pytest.raises(OSError) as e:
-            (m / "a1" / name).read_bytes()
-        assert e.value.errno == errno.EIO
+    # the moved blob is refused at its new place even while its own place holds it open
+    with open(m / "a2/config.json", "rb") as held:
+        assert json.loads(held.read()) == {"a2": "config"}
+        for name in ("config.json", "memory.json"):
+            with pytest.raises(OSError) as e:
+                (m / "a1" / name).read_bytes()
+            assert e.value.errno == errno.EIO
     assert "plaintext blob in an encrypted store, refused" in m.log()
     assert "does not decrypt here" in m.log()
     # the daemon keeps serving the rest; a new version replaces the bad one
