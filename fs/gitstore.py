@@ -148,6 +148,9 @@ class GitStore:
         # sealed on the way in, opened (and refused if it does not open) on the way out.
         self.codec = codec
         self._last_sealed: tuple | None = None
+        self._tls = threading.local()   # one repository handle per thread (see ``repo``)
+        self._generation = 0            # bumped by reopen/attach_memory: handles are renewed
+        self._attached: list = []       # memory backends every handle gets
         try:
             if os.path.isdir(os.path.join(self.path, "objects")):
                 self.repo = pygit2.Repository(self.path)
@@ -182,7 +185,7 @@ class GitStore:
         self.group_objects: list = []    # objects first written by the current group
         self._tree_cache: OrderedDict = OrderedDict()
         self._memory = mempack.attach(self.repo, self.pending_objects)
-        self._attached = [self.pending_objects]   # memory backends to attach again on reopen
+        self._attached.append(self.pending_objects)
         self._head: pygit2.Oid | None = None
         self._root_id: pygit2.Oid | None = None     # the head's tree
         self._root_tree: pygit2.Tree | None = None  # ... read only when something needs it
@@ -246,20 +249,46 @@ class GitStore:
             else:
                 self.repo.references.create(BRANCH, oid, force=True)
 
+    # -- repository handles ---------------------------------------------------------
+    # Each thread reads through its OWN libgit2 repository handle. libgit2 holds the
+    # odb's mutex while it calls a backend's read, and the in-memory backend
+    # (mempack.MemoryObjects) is Python: inside it the interpreter may hand the GIL to
+    # another thread, which then blocks on that same mutex while holding the GIL, and
+    # neither can go on. Seen as a daemon hung at mount (the agent walk in a worker
+    # thread against lookups on the trio thread) that kill -9 could not even end.
+    # Separate handles have separate odb mutexes; the objects dict behind the memory
+    # backends is shared (plain Python, under the GIL).
+    @property
+    def repo(self) -> pygit2.Repository:
+        tls = self._tls
+        repo = getattr(tls, "repo", None)
+        if repo is None or tls.generation != self._generation:
+            repo = pygit2.Repository(self.path)
+            for objects in self._attached:
+                mempack.attach(repo, objects)
+            tls.repo, tls.generation = repo, self._generation
+        return repo
+
+    @repo.setter
+    def repo(self, repo: pygit2.Repository) -> None:
+        """The handle of the calling thread (the constructor's)."""
+        self._tls.repo, self._tls.generation = repo, self._generation
+
     def attach_memory(self, objects: dict) -> None:
         mempack.attach(self.repo, objects)
         self._attached.append(objects)
+        self._generation += 1           # other threads' handles get it when renewed
+        self._tls.generation = self._generation
 
     def reopen(self) -> None:
-        """A new repository handle: libgit2 keeps packs that a repack deleted open and
+        """New repository handles: libgit2 keeps packs that a repack deleted open and
         mapped for as long as a handle lives (file descriptors and memory grow with every
-        repack). Objects and trees already read stay valid; new reads use the new handle."""
-        repo = pygit2.Repository(self.path)
-        for objects in self._attached:
-            mempack.attach(repo, objects)
-        root = repo[self._head].tree if self._head is not None else None
+        repack). Objects and trees already read stay valid; every thread's next read
+        opens a new handle."""
         with self._lock:
-            self.repo, self._root = repo, root
+            self._generation += 1
+            root = self.repo[self._head].tree if self._head is not None else None
+            self._root = root
 
     def rewind(self, oid: pygit2.Oid | None, agents) -> None:
         """Move the in-memory head back to ``oid`` (a group that never became durable);

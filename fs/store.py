@@ -80,6 +80,20 @@ class Group:
     root: pygit2.Oid | None = None              # the head's tree id (readers need not look it up)
 
 
+class ThreadRepo:
+    """``repo[oid]`` through the calling thread's own handle of ``git`` (see
+    ``GitStore.repo``), for objects used from several threads (the commit index)."""
+
+    def __init__(self, git: GitStore):
+        self._git = git
+
+    def __getitem__(self, key):
+        return self._git.repo[key]
+
+    def get(self, key, default=None):
+        return self._git.repo.get(key, default)
+
+
 class Store:
     """Open (and recover) a repository; commit groups of Changes durably."""
 
@@ -116,7 +130,7 @@ class Store:
             os.makedirs(self.meta_dir, exist_ok=True)
             self.journal = Journal(os.path.join(self.meta_dir, "journal"), codec=self.codec)
             self._recover()
-        self.history = CommitIndex(self.git.repo, os.path.join(self.meta_dir, "history-index"),
+        self.history = CommitIndex(ThreadRepo(self.git), os.path.join(self.meta_dir, "history-index"),
                                    writable=not readonly)
         self.history.load(self.git.head)
         self._reader: GitStore | None = None
@@ -312,7 +326,6 @@ class Store:
         """After a repack: the committer's repository handle again (see GitStore.reopen)."""
         with self._commit_lock:
             self.git.reopen()
-            self.history.repo = self.git.repo
 
     def flush_git(self) -> None:
         """Write the objects of acknowledged groups as one pack and point ``main`` at
