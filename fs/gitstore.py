@@ -187,8 +187,7 @@ class GitStore:
         self._memory = mempack.attach(self.repo, self.pending_objects)
         self._attached.append(self.pending_objects)
         self._head: pygit2.Oid | None = None
-        self._root_id: pygit2.Oid | None = None     # the head's tree
-        self._root_tree: pygit2.Tree | None = None  # ... read only when something needs it
+        self._root: pygit2.Tree | None = None       # the head's tree
         self._load_head()
 
     # -- head -------------------------------------------------------------------
@@ -213,27 +212,14 @@ class GitStore:
 
     @property
     def root_id(self) -> pygit2.Oid | None:
-        return self._root_id
-
-    @property
-    def _root(self) -> pygit2.Tree | None:
-        tree = self._root_tree
-        if tree is None and self._root_id is not None:
-            tree = self._root_tree = self.repo[self._root_id]
-        return tree
-
-    @_root.setter
-    def _root(self, tree: pygit2.Tree | None) -> None:
-        self._root_tree = tree
-        self._root_id = tree.id if tree is not None else None
+        return self._root.id if self._root is not None else None
 
     def _set_root_id(self, oid: pygit2.Oid | None) -> None:
         """The head's tree by id, looked up NOW (one lookup instead of commit -> tree):
         right after a group it is still in memory. Looked up later, after the flusher
         wrote it into a pack and dropped it from memory, the first miss makes libgit2
         rescan the pack directory (measured 2.5 ms per group in-process at 100,000 agents)."""
-        self._root_id = oid
-        self._root_tree = self.repo[oid] if oid is not None else None
+        self._root = self.repo[oid] if oid is not None else None
 
     def reset_head(self, oid: pygit2.Oid | None) -> None:
         """Point ``main`` at ``oid`` (recovery only) and drop every cache."""
@@ -602,7 +588,7 @@ class GitStore:
 
     def _new_root(self, agent: str, agent_tree: pygit2.Oid | None, base=False) -> pygit2.Oid:
         a, b = fanout(agent)
-        root_entries = self._entries(self._root_id if base is False else base)
+        root_entries = self._entries(self.root_id if base is False else base)
         l1 = self._child_oid(root_entries, a)
         l2 = self._child_oid(self._entries(l1), b)
         new_l2 = self._replace(l2, agent, agent_tree)
