@@ -21,6 +21,7 @@ from ..fs.errors import FsError
 from ..fs.metrics import metrics
 from ..fs.namespace import Attr, Caller, Kernel, Namespace
 from ..fs.names import decode_name
+from . import direntry
 
 log = logging.getLogger("agentstatefs")
 
@@ -162,6 +163,7 @@ class AgentFS(pyfuse3.Operations):
         super().__init__()
         kernel = FuseKernel()
         self.ns = Namespace(store, statemgr, options, kernel)
+        self.ns.listing_without_lookup = direntry.available()
         self.ns.audit = audit
         kernel.inodes = self.ns.inodes
         _stop_events_on_terminate(self.ns)
@@ -224,16 +226,22 @@ class AgentFS(pyfuse3.Operations):
 
     @handler
     async def readdir(self, fh, start_id, token):
-        shared = [None, None]      # a shared Attr (namespace.Attr.shared) and its entry
+        shared = {}      # id of a shared Attr (namespace.Attr.shared) -> (it, its entry, node id slot)
 
         def reply(name, attr, nxt):
             if attr.shared:
-                if shared[0] is not attr:
-                    shared[0], shared[1] = attr, _entry(attr)
-                e = shared[1]
+                got = shared.get(id(attr))
+                if got is None or got[0] is not attr:
+                    e = _entry(attr)
+                    got = shared[id(attr)] = (attr, e, direntry.nodeless_slot(e) if attr.listed_only else None)
+                e = got[1]
                 e.st_ino, e.generation = attr.ino, attr.generation
+                if got[2] is not None:
+                    got[2].value = 0      # listed without a node (daemon/direntry.py)
             else:
                 e = _entry(attr)
+                if attr.listed_only:
+                    direntry.nodeless_slot(e).value = 0
             return pyfuse3.readdir_reply(token, name.encode("utf-8", "surrogateescape"), e, nxt)
         await self.ns.readdir(fh, start_id, reply)
 

@@ -23,7 +23,7 @@ import xxhash
 from pygit2.enums import FileMode, ObjectType
 
 from . import changes as ch
-from . import crypto, mempack
+from . import crypto, heap, mempack
 from .errors import FsError, RepoError
 from .layout import FORMAT_BLOB, FORMAT_NAME, fanout
 from .names import DURABLE_FILES, META_FILE
@@ -138,6 +138,10 @@ class _Tree:
 _Tree.EMPTY = _Tree({}, [], {})
 
 
+# Parsed trees kept (sum of their entries): ~300 bytes each, so ~30 MB at most.
+TREE_CACHE_ENTRIES = 100_000
+
+
 class GitStore:
     """Reads and commits agent state in a bare git repository."""
 
@@ -183,7 +187,8 @@ class GitStore:
         self.pending_objects: dict = {}
         self._ref_fd: int | None = None
         self.group_objects: list = []    # objects first written by the current group
-        self._tree_cache: OrderedDict = OrderedDict()
+        self._tree_cache: OrderedDict = OrderedDict()   # tree id -> _Tree (parsed), LRU
+        self._tree_cache_entries = 0
         self._memory = mempack.attach(self.repo, self.pending_objects)
         self._attached.append(self.pending_objects)
         self._head: pygit2.Oid | None = None
@@ -249,10 +254,14 @@ class GitStore:
         tls = self._tls
         repo = getattr(tls, "repo", None)
         if repo is None or tls.generation != self._generation:
-            repo = pygit2.Repository(self.path)
-            for objects in self._attached:
-                mempack.attach(repo, objects)
+            repo = self._new_handle()
             tls.repo, tls.generation = repo, self._generation
+        return repo
+
+    def _new_handle(self) -> pygit2.Repository:
+        repo = pygit2.Repository(self.path)
+        for objects in self._attached:
+            mempack.attach(repo, objects)
         return repo
 
     @repo.setter
@@ -473,17 +482,30 @@ class GitStore:
         return self._agents is not None
 
     def iter_agents(self, root: pygit2.Tree | None):
+        """The agent ids in ``root`` (a head's or a past commit's tree), in tree order.
+
+        Walks with a repository handle of its own, freed afterwards (and the heap
+        trimmed): the walk reads every fan-out tree (65,536 at 100,000 agents), and a
+        long-lived handle would keep them all parsed in libgit2's object cache, ~50 MB
+        that its size accounting (raw bytes) does not even see."""
         if root is None:
             return
-        for l1 in root:
-            if l1.type != ObjectType.TREE:
-                continue
-            for l2 in self.repo[l1.id]:
-                if l2.type != ObjectType.TREE:
+        walker = self._new_handle()
+        try:
+            for l1 in root:
+                if l1.type != ObjectType.TREE:
                     continue
-                for entry in self.repo[l2.id]:
-                    if entry.type == ObjectType.TREE:
-                        yield entry.name
+                for l2 in walker[l1.id]:
+                    if l2.type != ObjectType.TREE:
+                        continue
+                    for entry in walker[l2.id]:
+                        if entry.type == ObjectType.TREE:
+                            yield entry.name
+        finally:
+            l1 = l2 = entry = None
+            walker.free()
+            del walker
+            heap.trim()
 
     def read_blob(self, oid: pygit2.Oid, agent: str, name: str) -> bytes:
         """The content of blob ``oid`` found at ``agent/name`` (opened by the codec: in an
@@ -563,9 +585,17 @@ class GitStore:
         return tree
 
     def _cache_tree(self, oid: pygit2.Oid, tree: "_Tree") -> None:
+        """Bounded by entries, not trees: at 100,000 agents every commit makes two new
+        256-entry trees (the root and an ``ab/``), ~20 KB each parsed, and a count bound
+        of 4,096 trees let the cache grow to ~80 MB. TREE_CACHE_ENTRIES holds the root
+        and all 256 ``ab/`` trees of a 100,000-agent head (the random-agent working set)."""
+        if oid in self._tree_cache:
+            return
         self._tree_cache[oid] = tree
-        while len(self._tree_cache) > 4096:
-            self._tree_cache.popitem(last=False)
+        self._tree_cache_entries += len(tree.info) + 1
+        while self._tree_cache_entries > TREE_CACHE_ENTRIES and len(self._tree_cache) > 1:
+            _, old = self._tree_cache.popitem(last=False)
+            self._tree_cache_entries -= len(old.info) + 1
 
     def _tree_write(self, entries) -> pygit2.Oid | None:
         tree = entries if isinstance(entries, _Tree) else _Tree.build(entries)

@@ -204,8 +204,9 @@ class HistoryView:
                 names = sorted(self._view_or_empty(hexid, scope).files)
                 items = [(f, ("hist-file", hexid, scope, f)) for f in names]
             else:
+                # 100,000 agents: the entries are made as the listing reaches them.
                 agents = sorted(self.git.iter_agents(self.git.tree_at(hexid)))
-                items = [(a, ("hist-agent", used, hexid, a)) for a in agents]
+                return len(agents), lambda i: (agents[i], ("hist-agent", used, hexid, agents[i]))
             return len(items), items.__getitem__
         if kind == "hist-agent":
             _, used, hexid, agent = key

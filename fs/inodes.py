@@ -39,6 +39,16 @@ class InodeTable:
     def stable(self, key: tuple) -> int:
         """The number of a hashed key (agents, runtime files, history), registering it."""
         ino = self._inos.get(key)
+        if ino is None:
+            ino = self.number(key)   # probes past numbers in use (collisions, retired keys)
+            self.bind(ino, key)
+        return ino
+
+    def number(self, key: tuple) -> int:
+        """The number ``key`` has, or would get from ``stable`` now, without registering
+        it: for entries a listing shows but the kernel does not look up (the kernel
+        takes no reference, so nothing need be remembered; a later lookup registers)."""
+        ino = self._inos.get(key)
         if ino is not None:
             return ino
         text = "\0".join(str(k) for k in key)
@@ -46,9 +56,8 @@ class InodeTable:
         while True:
             ino = hash_ino(text, salt)
             if ino not in self._keys:
-                self.bind(ino, key)
                 return ino
-            salt += 1  # in use by another key (a collision, or a retired incarnation)
+            salt += 1
 
     def keys_of_kind(self, kind: str) -> list[tuple[tuple, int]]:
         """(key, inode) of every live key whose first element is ``kind``."""

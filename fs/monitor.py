@@ -62,6 +62,8 @@ class Monitor:
         yield GaugeMetricFamily(PREFIX + "write_buffer_bytes", "Bytes in open state-file write buffers",
                                 value=ns.buffer_bytes)
         yield GaugeMetricFamily(PREFIX + "open_handles", "Open file handles", value=len(ns.handles))
+        yield GaugeMetricFamily(PREFIX + "inodes", "Inode numbers the daemon keeps (held by the kernel or a handle)",
+                                value=len(ns.inodes))
         yield GaugeMetricFamily(PREFIX + "requests_in_flight", "FUSE requests being handled", value=ns.sm.in_flight)
         yield GaugeMetricFamily(PREFIX + "event_subscribers", "Open M/@events streams", value=len(ns.events.subs))
         j = store.journal

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import trio
 
 from . import changes as ch
+from . import heap
 from .access import (ACL_XATTR, ACL_XATTRS, DEFAULT_ACL_XATTR, R, W, X, Access, encode_acl, full_acl,
                      inherit, parse_acl, split_acl)
 from .changes import Change, Who, safe_text
@@ -57,6 +58,11 @@ log = logging.getLogger("agentstatefs")
 
 LIVE_TIMEOUT = 1.0
 RELATIME_NS = 24 * 3600 * 10**9
+# Entries a listing may give the kernel without a node when it does not hold them yet
+# (``Namespace.listing_without_lookup``): the kinds of which one directory can hold
+# 100,000 (agents, and agents at a past commit).
+NODELESS_KINDS = ("agent", "hist-agent")
+BIG_LISTING = 10_000           # entries: closing such a listing gives its memory back (fs/heap.py)
 LINK_MAX = 65000              # hard links per scratch file (ext4's EXT4_LINK_MAX)
 HISTORY_READ_PIDS = 1024      # processes remembered as having read @history versions
 HISTORY_READS_PER_PID = 64    # versions remembered per process
@@ -119,6 +125,7 @@ class Attr:
     generation: int = 0
     blocks: int | None = None     # 512-byte blocks allocated (None: derived from the size)
     shared: bool = False    # one object reused for many listing entries (only ino/generation change)
+    listed_only: bool = False   # a listing entry the kernel gets without a node (no lookup reference)
     blob: object = None        # orphans: the version the file had when it lost its name
 
 
@@ -173,6 +180,9 @@ class Namespace:
         self.opts = options
         self.kernel = kernel or Kernel()
         self.inodes = InodeTable()
+        # Set by the FUSE adapter when its readdir replies can carry entries without a
+        # node (Attr.listed_only): listing them then registers nothing.
+        self.listing_without_lookup = False
         self.runtime = RuntimeLayer(options.runtime_versions)
         self.scratch = ScratchSpace(options.scratch_max)
         self.rejected = Rejections(self.scratch, options.max_size)
@@ -1502,11 +1512,20 @@ class Namespace:
                     return
             start = max(start, 2)
         base = 2 if d.dots else 0
+        bare = Attr(0, stat.S_IFDIR | 0o555, 2, 0, 0, 0, self.mount_ns, timeout=0, shared=True,
+                    listed_only=True)
         for i in range(start - base, d.count):
             if d.agents is not None and i >= d.first_agent:
                 self._readdir_agents(d, i, reply, base)
                 return
             name, key = d.item(i)
+            if key[0] in NODELESS_KINDS and self.listing_without_lookup and self.inodes.peek(key) is None:
+                # Listed, not looked up (``ls M/@history/<commit>``: 100,000 agents): the
+                # kernel gets name, number and type, and no node to hold or forget.
+                bare.ino = self.inodes.number(key)
+                if not reply(name, bare, base + i + 1):
+                    break
+                continue
             had = None
             try:
                 had = self.inodes.peek(key)
@@ -1536,14 +1555,25 @@ class Namespace:
         loop, without its per-entry costs (``ls M`` at 100,000 agents). An agent not in
         the cache is listed with one placeholder Attr, changed in place per entry (its
         number and generation; ``reply`` consumes it before returning), which the kernel
-        must not cache (timeouts 0), so ``stat``/``ls -l`` still ask for the truth."""
+        must not cache (timeouts 0), so ``stat``/``ls -l`` still ask for the truth.
+        With ``listing_without_lookup`` an agent the kernel does not hold yet is listed
+        without a node (``Attr.listed_only``): nothing is registered or remembered."""
         inodes, cached, ids, first = self.inodes, self.git.cached_agent, d.agents, d.first_agent
         known = inodes._inos
         ph = Attr(0, stat.S_IFDIR | 0o755, 2, 0, 0, 0, self.mount_ns, timeout=0, shared=True)
+        bare = Attr(0, stat.S_IFDIR | 0o755, 2, 0, 0, 0, self.mount_ns, timeout=0, shared=True,
+                    listed_only=True)
+        number = inodes.number
+        nodeless = self.listing_without_lookup
         for i in range(start, d.count):
             agent = ids[i - first]
             key = ("agent", agent)
             ino = known.get(key)
+            if ino is None and nodeless:
+                bare.ino = number(key)
+                if not reply(agent, bare, base + i + 1):
+                    return
+                continue
             fresh = ino is None
             if fresh:
                 ino = inodes.stable(key)
@@ -1562,7 +1592,10 @@ class Namespace:
             inodes.remember(ino)
 
     async def releasedir(self, fh: int) -> None:
-        self.dirs.pop(fh, None)
+        d = self.dirs.pop(fh, None)
+        if d is not None and d.count >= BIG_LISTING:
+            # Its entries (and the walk that found them) were many small allocations.
+            await trio.to_thread.run_sync(heap.trim)
 
     # -- files -------------------------------------------------------------------------------
     async def open(self, ino: int, flags: int, caller: Caller) -> Handle:

@@ -351,6 +351,44 @@ def test_history_listing_registers_only_accepted_entries(tmp_path):
     run(tmp_path, body)
 
 
+def test_listings_without_lookup_register_nothing_and_number_like_a_lookup(tmp_path):
+    """Decision 44: with ``listing_without_lookup`` (the FUSE adapter's readdirplus
+    entries without a node) listing agents, at the head or at a past commit, adds no
+    inode; the numbers listed are the ones a later lookup gives. Without it (a pyfuse3
+    whose layout the adapter does not know) every listed entry is registered."""
+    async def body(ns):
+        names = [f"ag{i:03d}" for i in range(40)]
+        for n in names:
+            await agent(ns, n)
+        ns.forget([(ns.inodes.peek(("agent", n)), 1) for n in names])   # the kernel forgot them
+        hist = await ns.lookup(ROOT, "@history", ALICE)
+        head = await ns.lookup(hist.ino, "HEAD", ALICE)
+        base = len(ns.inodes)
+
+        async def listing(ino):
+            got = []
+            fh = await ns.opendir(ino, ALICE)
+            await ns.readdir(fh, 0, lambda name, attr, nxt: got.append((name, attr.ino, attr.listed_only)) or True)
+            await ns.releasedir(fh)
+            return {n: (i, bare) for n, i, bare in got if n not in (".", "..", "@history")}
+
+        ns.listing_without_lookup = True
+        for ino, kind in ((ROOT, "agent"), (head.ino, "hist-agent")):
+            seen = await listing(ino)
+            assert sorted(seen) == names
+            assert all(bare for _, bare in seen.values())
+            assert len(ns.inodes) == base, kind
+            for n in names[:3]:
+                assert (await ns.lookup(ino, n, ALICE)).ino == seen[n][0]
+            ns.forget([(seen[n][0], 1) for n in names[:3]])
+            assert len(ns.inodes) == base
+        ns.listing_without_lookup = False
+        seen = await listing(ROOT)
+        assert not any(bare for _, bare in seen.values())
+        assert len(ns.inodes) == base + len(names)
+    run(tmp_path, body)
+
+
 def test_identical_rewrite_makes_no_commit_and_only_copies_from_history_are_restores(tmp_path):
     BOB = Caller(uid=1000, gid=1000, pid=1, umask=0o022)
     async def body(ns):
