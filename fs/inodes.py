@@ -51,13 +51,19 @@ class InodeTable:
         ino = self._inos.get(key)
         if ino is not None:
             return ino
-        text = "\0".join(str(k) for k in key)
+        text = "\0".join(map(str, key))
         salt = 0
         while True:
             ino = hash_ino(text, salt)
             if ino not in self._keys:
                 return ino
             salt += 1
+
+    def agent_number(self, agent: str) -> int:
+        """``number(("agent", agent))`` for an agent not registered, without building
+        the key (``ls M`` asks for 100,000 of them)."""
+        ino = hash_ino("agent\0" + agent)
+        return ino if ino not in self._keys else self.number(("agent", agent))
 
     def keys_of_kind(self, kind: str) -> list[tuple[tuple, int]]:
         """(key, inode) of every live key whose first element is ``kind``."""

@@ -1563,14 +1563,14 @@ class Namespace:
         ph = Attr(0, stat.S_IFDIR | 0o755, 2, 0, 0, 0, self.mount_ns, timeout=0, shared=True)
         bare = Attr(0, stat.S_IFDIR | 0o755, 2, 0, 0, 0, self.mount_ns, timeout=0, shared=True,
                     listed_only=True)
-        number = inodes.number
+        number = inodes.agent_number
         nodeless = self.listing_without_lookup
         for i in range(start, d.count):
             agent = ids[i - first]
             key = ("agent", agent)
             ino = known.get(key)
             if ino is None and nodeless:
-                bare.ino = number(key)
+                bare.ino = number(agent)
                 if not reply(agent, bare, base + i + 1):
                     return
                 continue
