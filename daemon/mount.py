@@ -11,6 +11,7 @@ import errno
 import functools
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -179,6 +180,26 @@ def init_fuse(ops, mountpoint: str, fuse_options) -> None:
     elif "/dev/fuse" in reason and "ermission denied" in reason:
         hint = " (this user may not open /dev/fuse: ask for access to it, or mount as root)"
     raise MountError(f"cannot mount {mountpoint}: {reason}{hint}")
+
+
+def fuse_queue_probe():
+    """A function answering whether FUSE requests wait in the kernel's queue, not yet
+    read by the loop: a zero-timeout poll of this process's ``/dev/fuse`` descriptor
+    (found through /proc/self/fd; pyfuse3 does not expose it). The committer asks it
+    before committing a group on the trio thread (decision 45)."""
+    fds = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == "/dev/fuse":
+                fds.append(int(name))
+        except (OSError, ValueError):
+            continue
+    if len(fds) != 1:
+        log.debug("no single /dev/fuse descriptor (%s): lone writers commit in a thread", fds)
+        return lambda: True
+    poller = select.poll()
+    poller.register(fds[0], select.POLLIN)
+    return lambda: bool(poller.poll(0))
 
 
 async def _serve(ops: AgentFS, sm: StateManager, mountpoint: str, on_ready, notifier=None) -> None:
@@ -376,6 +397,7 @@ def run(repo: str, mountpoint: str, options: MountOptions, *, foreground: bool,
         store.close()
         lock.release()
         return fail(str(exc))
+    sm.requests_waiting = fuse_queue_probe()
     log.info("mounted %s at %s (%s)%s", repo, mountpoint, ",".join(sorted(options.fuse_options(repo))),
              ", encrypted at rest" if store.codec.encrypted else "")
 

@@ -75,6 +75,7 @@ class Journal:
         self.next_seq = 1
         self.bytes_since_checkpoint = 0
         # Offset in the open segment up to which everything is durable (last good sync).
+        self.last_sync_s = 0.0          # the newest fdatasync's duration (statemgr's inline rule)
         self._synced_end = 0
         # Sequence number of the first record appended since the last good sync (None: none).
         self._unsynced_seq: int | None = None
@@ -253,7 +254,8 @@ class Journal:
         except OSError as exc:
             self._discard_unsynced(exc, end)
             raise
-        metrics.note_fsync(time.perf_counter() - t0)
+        self.last_sync_s = time.perf_counter() - t0
+        metrics.note_fsync(self.last_sync_s)
         self._synced_end = end
         self._unsynced_seq = None
 

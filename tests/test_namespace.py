@@ -32,9 +32,12 @@ ALICE = Caller(uid=1000, gid=1000, pid=os.getpid(), umask=0o022)
 
 
 @asynccontextmanager
-async def mounted(tmp_path, **opts):
+async def mounted(tmp_path, inline=False, **opts):
     store = Store(str(tmp_path / "repo"))
     sm = StateManager(store)
+    # These tests place requests at the committer's await point (the worker thread);
+    # a lone group committed inline (decision 45) has none: test_inline_commits covers it.
+    sm.commit_inline = inline
     options = MountOptions()
     for k, v in opts.items():
         setattr(options, k, v)
@@ -51,9 +54,9 @@ async def mounted(tmp_path, **opts):
         store.close()
 
 
-def run(tmp_path, body, **opts):
+def run(tmp_path, body, inline=False, **opts):
     async def main():
-        async with mounted(tmp_path, **opts) as ns:
+        async with mounted(tmp_path, inline, **opts) as ns:
             await body(ns)
     trio.run(main)
 
@@ -140,6 +143,34 @@ def test_flush_commits_writes_made_while_it_waits(tmp_path):
         await ns.release(h.fh)
         assert await read_file(ns, d, "config.json") == b'{"v": 2}'
     run(tmp_path, body)
+
+
+def test_inline_commits_only_for_a_lone_small_group_on_a_fast_disk(tmp_path):
+    """Decision 45: a group is committed on the trio thread only when nobody else is
+    waiting for it, it is small, and the last inline group was not slow."""
+    from agentstatefs.fs import statemgr
+
+    async def body(ns):
+        sm = ns.sm
+        d = await agent(ns)
+        base_i, base_t = sm.groups_inline, sm.groups_threaded
+        await write_file(ns, d, "config.json", b'{"v": 1}')
+        assert (sm.groups_inline, sm.groups_threaded) == (base_i + 1, base_t)
+        sm.in_flight = 5            # other requests in flight: they run during the fsync
+        try:
+            await write_file(ns, d, "config.json", b'{"v": 2}')
+        finally:
+            sm.in_flight = 0
+        assert (sm.groups_inline, sm.groups_threaded) == (base_i + 1, base_t + 1)
+        big = json.dumps({"pad": "x" * (statemgr.INLINE_MAX_BYTES + 1)}).encode()
+        await write_file(ns, d, "memory.json", big)
+        assert sm.groups_threaded == base_t + 2
+        sm._inline_paused_until = float("inf")     # as after a slow inline group
+        await write_file(ns, d, "config.json", b'{"v": 3}')
+        assert (sm.groups_inline, sm.groups_threaded) == (base_i + 1, base_t + 3)
+        assert await read_file(ns, d, "config.json") == b'{"v": 3}'
+        assert await read_file(ns, d, "memory.json") == big
+    run(tmp_path, body, inline=True)
 
 
 def test_flush_loop_without_second_flush(tmp_path):
