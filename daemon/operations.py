@@ -12,6 +12,7 @@ import errno
 import functools
 import logging
 import os
+import stat
 from time import perf_counter
 
 import pyfuse3
@@ -243,7 +244,26 @@ class AgentFS(pyfuse3.Operations):
                 if attr.listed_only:
                     direntry.nodeless_slot(e).value = 0
             return pyfuse3.readdir_reply(token, name.encode("utf-8", "surrogateescape"), e, nxt)
+        if self.ns.listing_without_lookup:
+            reply.bare = self._bare_reply(token)
         await self.ns.readdir(fh, start_id, reply)
+
+    @staticmethod
+    def _bare_reply(token):
+        """``reply.bare(name, ino, next_id)``: a directory entry without a node
+        (daemon/direntry.py), with one EntryAttributes reused for the whole call."""
+        e = pyfuse3.EntryAttributes()
+        e.st_mode = stat.S_IFDIR | 0o755
+        e.entry_timeout = e.attr_timeout = 0
+        slot = direntry.nodeless_slot(e)
+        readdir_reply = pyfuse3.readdir_reply
+
+        def bare(name, ino, nxt):
+            e.st_ino = ino
+            slot.value = 0
+            return readdir_reply(token, name.encode("utf-8", "surrogateescape"), e, nxt)
+        bare.entry = e        # keeps the object the slot points into alive with the function
+        return bare
 
     @handler
     async def releasedir(self, fh):

@@ -60,7 +60,8 @@ LIVE_TIMEOUT = 1.0
 RELATIME_NS = 24 * 3600 * 10**9
 # Entries a listing may give the kernel without a node when it does not hold them yet
 # (``Namespace.listing_without_lookup``): the kinds of which one directory can hold
-# 100,000 (agents, and agents at a past commit).
+# 100,000 (agents, and agents at a past commit). All directories: the adapter lists
+# them with one directory entry (AgentFS._bare_reply).
 NODELESS_KINDS = ("agent", "hist-agent")
 BIG_LISTING = 10_000           # entries: closing such a listing gives its memory back (fs/heap.py)
 LINK_MAX = 65000              # hard links per scratch file (ext4's EXT4_LINK_MAX)
@@ -1514,6 +1515,7 @@ class Namespace:
         base = 2 if d.dots else 0
         bare = Attr(0, stat.S_IFDIR | 0o555, 2, 0, 0, 0, self.mount_ns, timeout=0, shared=True,
                     listed_only=True)
+        reply_bare = getattr(reply, "bare", None)   # the adapter's shortcut (_readdir_agents)
         for i in range(start - base, d.count):
             if d.agents is not None and i >= d.first_agent:
                 self._readdir_agents(d, i, reply, base)
@@ -1522,6 +1524,10 @@ class Namespace:
             if key[0] in NODELESS_KINDS and self.listing_without_lookup and self.inodes.peek(key) is None:
                 # Listed, not looked up (``ls M/@history/<commit>``: 100,000 agents): the
                 # kernel gets name, number and type, and no node to hold or forget.
+                if reply_bare is not None:
+                    if not reply_bare(name, self.inodes.number(key), base + i + 1):
+                        break
+                    continue
                 bare.ino = self.inodes.number(key)
                 if not reply(name, bare, base + i + 1):
                     break
@@ -1565,11 +1571,17 @@ class Namespace:
                     listed_only=True)
         number = inodes.agent_number
         nodeless = self.listing_without_lookup
+        # The adapter's shortcut for an entry without a node: (name, number, next id).
+        reply_bare = getattr(reply, "bare", None)
         for i in range(start, d.count):
             agent = ids[i - first]
             key = ("agent", agent)
             ino = known.get(key)
             if ino is None and nodeless:
+                if reply_bare is not None:
+                    if not reply_bare(agent, number(agent), base + i + 1):
+                        return
+                    continue
                 bare.ino = number(agent)
                 if not reply(agent, bare, base + i + 1):
                     return
