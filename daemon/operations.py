@@ -250,7 +250,7 @@ class AgentFS(pyfuse3.Operations):
 
     @staticmethod
     def _bare_reply(token):
-        """``reply.bare(name, ino, next_id)``: a directory entry without a node
+        """``reply.bare(name_bytes, ino, next_id)``: a directory entry without a node
         (daemon/direntry.py), with one EntryAttributes reused for the whole call."""
         e = pyfuse3.EntryAttributes()
         e.st_mode = stat.S_IFDIR | 0o755
@@ -258,10 +258,10 @@ class AgentFS(pyfuse3.Operations):
         slot = direntry.nodeless_slot(e)
         readdir_reply = pyfuse3.readdir_reply
 
-        def bare(name, ino, nxt):
+        def bare(name: bytes, ino, nxt):
             e.st_ino = ino
             slot.value = 0
-            return readdir_reply(token, name.encode("utf-8", "surrogateescape"), e, nxt)
+            return readdir_reply(token, name, e, nxt)
         bare.entry = e        # keeps the object the slot points into alive with the function
         return bare
 
