@@ -232,7 +232,10 @@ class StateManager:
             packed_at = self.store.commits
             t0 = time.monotonic()
             try:
-                result = await trio.run_process(geometric_repack_command(self.store.repo_dir),
+                # At the lowest CPU priority: at 100,000 agents a run takes ~0.5 s of CPU
+                # every few seconds under a write load, and it must not take a CPU from
+                # the requests it serves (on 2 vCPUs it did: `ls M` 0.3 -> 0.56 s).
+                result = await trio.run_process(["nice", "-n", "19", *geometric_repack_command(self.store.repo_dir)],
                                                 capture_stdout=True, capture_stderr=True, check=False)
             except OSError as exc:
                 log.error("background packing could not start: %s", exc)
