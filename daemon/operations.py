@@ -227,22 +227,16 @@ class AgentFS(pyfuse3.Operations):
 
     @handler
     async def readdir(self, fh, start_id, token):
-        shared = {}      # id of a shared Attr (namespace.Attr.shared) -> (it, its entry, node id slot)
+        shared = [None, None]      # a shared Attr (namespace.Attr.shared) and its entry
 
         def reply(name, attr, nxt):
             if attr.shared:
-                got = shared.get(id(attr))
-                if got is None or got[0] is not attr:
-                    e = _entry(attr)
-                    got = shared[id(attr)] = (attr, e, direntry.nodeless_slot(e) if attr.listed_only else None)
-                e = got[1]
+                if shared[0] is not attr:
+                    shared[0], shared[1] = attr, _entry(attr)
+                e = shared[1]
                 e.st_ino, e.generation = attr.ino, attr.generation
-                if got[2] is not None:
-                    got[2].value = 0      # listed without a node (daemon/direntry.py)
             else:
                 e = _entry(attr)
-                if attr.listed_only:
-                    direntry.nodeless_slot(e).value = 0
             return pyfuse3.readdir_reply(token, name.encode("utf-8", "surrogateescape"), e, nxt)
         if self.ns.listing_without_lookup:
             reply.bare = self._bare_reply(token)

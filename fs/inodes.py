@@ -59,12 +59,6 @@ class InodeTable:
                 return ino
             salt += 1
 
-    def agent_number(self, agent: str) -> int:
-        """``number(("agent", agent))`` for an agent not registered, without building
-        the key (``ls M`` asks for 100,000 of them)."""
-        ino = hash_ino("agent\0" + agent)
-        return ino if ino not in self._keys else self.number(("agent", agent))
-
     def keys_of_kind(self, kind: str) -> list[tuple[tuple, int]]:
         """(key, inode) of every live key whose first element is ``kind``."""
         return [(k, i) for k, i in self._inos.items() if k[0] == kind]

@@ -1515,9 +1515,7 @@ class Namespace:
                     return
             start = max(start, 2)
         base = 2 if d.dots else 0
-        bare = Attr(0, stat.S_IFDIR | 0o555, 2, 0, 0, 0, self.mount_ns, timeout=0, shared=True,
-                    listed_only=True)
-        reply_bare = getattr(reply, "bare", None)   # the adapter's shortcut (_readdir_agents)
+        reply_bare = self._reply_bare(reply)
         for i in range(start - base, d.count):
             if d.agents is not None and i >= d.first_agent:
                 self._readdir_agents(d, i, reply, base)
@@ -1526,12 +1524,7 @@ class Namespace:
             if key[0] in NODELESS_KINDS and self.listing_without_lookup and self.inodes.peek(key) is None:
                 # Listed, not looked up (``ls M/@history/<commit>``: 100,000 agents): the
                 # kernel gets name, number and type, and no node to hold or forget.
-                if reply_bare is not None:
-                    if not reply_bare(name.encode("utf-8", "surrogateescape"), self.inodes.number(key), base + i + 1):
-                        break
-                    continue
-                bare.ino = self.inodes.number(key)
-                if not reply(name, bare, base + i + 1):
+                if not reply_bare(name.encode("utf-8", "surrogateescape"), self.inodes.number(key), base + i + 1):
                     break
                 continue
             had = None
@@ -1558,6 +1551,20 @@ class Namespace:
         except Exception as exc:
             log.warning("could not list the agents ahead of the first ls (%s)", exc)
 
+    def _reply_bare(self, reply):
+        """``bare(name_bytes, ino, next_id)`` for an entry without a node: the adapter's
+        own (``reply.bare``), or one that hands ``reply`` an Attr marked listed_only."""
+        fast = getattr(reply, "bare", None)
+        if fast is not None:
+            return fast
+        attr = Attr(0, stat.S_IFDIR | 0o755, 2, 0, 0, 0, self.mount_ns, timeout=0, shared=True,
+                    listed_only=True)
+
+        def bare(name: bytes, ino: int, nxt: int) -> bool:
+            attr.ino = ino
+            return reply(name.decode("utf-8", "surrogateescape"), attr, nxt)
+        return bare
+
     def _readdir_agents(self, d: _Dir, start: int, reply, base: int) -> None:
         """The agents of a root listing, from entry ``start`` on: the same as the generic
         loop, without its per-entry costs (``ls M`` at 100,000 agents). An agent not in
@@ -1569,33 +1576,24 @@ class Namespace:
         inodes, cached, ids, first = self.inodes, self.git.cached_agent, d.agents, d.first_agent
         known = inodes._inos
         ph = Attr(0, stat.S_IFDIR | 0o755, 2, 0, 0, 0, self.mount_ns, timeout=0, shared=True)
-        bare = Attr(0, stat.S_IFDIR | 0o755, 2, 0, 0, 0, self.mount_ns, timeout=0, shared=True,
-                    listed_only=True)
-        number = inodes.agent_number
         taken = inodes._keys
         xxh64 = xxhash.xxh64_intdigest
         nodeless = self.listing_without_lookup
-        # The adapter's shortcut for an entry without a node: (name, number, next id).
-        reply_bare = getattr(reply, "bare", None)
+        reply_bare = self._reply_bare(reply)
         for i in range(start, d.count):
             agent = ids[i - first]
             key = ("agent", agent)
             ino = known.get(key)
             if ino is None and nodeless:
-                if reply_bare is not None:
-                    # InodeTable.agent_number inlined (gitstore.hash_ino of "agent\0<id>"):
-                    # two calls less per entry of a 100,000-entry listing.
-                    raw = agent.encode("utf-8", "surrogateescape")
-                    n = xxh64(b"agent\0" + raw) & INO_MASK
-                    if n <= 1024:
-                        n += 1024
-                    if n in taken:
-                        n = number(agent)
-                    if not reply_bare(raw, n, base + i + 1):
-                        return
-                    continue
-                bare.ino = number(agent)
-                if not reply(agent, bare, base + i + 1):
+                # InodeTable.number inlined (gitstore.hash_ino of "agent\0<id>"): two calls
+                # less per entry of a 100,000-entry listing.
+                raw = agent.encode("utf-8", "surrogateescape")
+                n = xxh64(b"agent\0" + raw) & INO_MASK
+                if n <= 1024:
+                    n += 1024
+                if n in taken:
+                    n = inodes.number(key)   # in use: probe as a lookup would
+                if not reply_bare(raw, n, base + i + 1):
                     return
                 continue
             fresh = ino is None
